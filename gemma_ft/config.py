@@ -1,0 +1,147 @@
+"""Typed schema of the whole config: one dataclass per Hydra group, registered in Hydra's ConfigStore.
+
+Every YAML under conf/<group>/ starts with `defaults: [<group>_schema, _self_]`, so a wrong type or an unknown
+key fails when Hydra composes the config and names the key. Cross-field rules live in `validate`, which reports
+every problem at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+
+@dataclass
+class ModelConfig:
+    # A local folder, a hub id, or "builtin:<name>" for a model gemma_ft builds offline (see gemma_ft/models).
+    name_or_path: str = MISSING
+    load_in_4bit: bool = False
+    full_finetuning: bool = False
+    # null lets unsloth choose (bf16 where the hardware has it).
+    dtype: Optional[str] = None
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    # Train the output head / input embeddings fully (saved whole with the adapter).
+    train_lm_head: bool = False
+    train_embeddings: bool = False
+    # Tokens whose embedding rows train (PEFT trainable tokens): cheap way to teach untrained special tokens.
+    trainable_tokens: list[str] = field(default_factory=list)
+    bias: str = "none"
+    use_gradient_checkpointing: Any = "unsloth"
+    use_rslora: bool = False
+
+
+@dataclass
+class ColumnsConfig:
+    system: Optional[str] = "task"
+    user: str = "input"
+    assistant: str = "expected_output"
+
+
+@dataclass
+class DataConfig:
+    # A CSV file; a relative path is resolved against the directory the command was started in.
+    # "builtin:chess_sample" is the sample shipped in the package.
+    path: str = "builtin:chess_sample"
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    # Used only when columns.system is null: a fixed system text for every row (null: none).
+    system_prompt: Optional[str] = None
+    # Held-out validation rows: a fraction in (0, 1) or a row count >= 1.
+    val_size: float = 0.1
+    split_seed: int = 3407
+    encoding: str = "utf-8"
+    # null: detect "," ";" or tab from the header line.
+    delimiter: Optional[str] = None
+    on_bad_rows: str = "error"  # error | skip
+    control_tokens: str = "error"  # error | escape | strip
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw_torch"
+    lr: float = 2e-4
+    weight_decay: float = 0.001
+    lr_scheduler_type: str = "linear"
+    warmup_steps: int = 5
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 60
+    num_train_epochs: float = 1.0
+    per_device_train_batch_size: int = 4
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    max_seq_length: int = 512
+    logging_steps: int = 5
+    eval_steps: int = 0  # 0: evaluate only at the end
+    save_steps: int = 500
+    save_total_limit: int = 5
+    seed: int = 3407
+    report_to: str = "tensorboard"  # tensorboard | wandb | mlflow | none
+    # Held-out rows answered by generation before and after training (exact match); 0 turns it off.
+    exact_match_rows: int = 32
+    max_new_tokens: int = 64
+
+
+@dataclass
+class DebugConfig:
+    verbose: bool = False
+    show_examples: bool = False
+    example_index: int = 100
+    # Print Python tracebacks for user errors too.
+    traceback: bool = False
+
+
+@dataclass
+class RunConfig:
+    # Run directory; null: Hydra's run dir.
+    dir: Optional[str] = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    lora: LoraConfig = MISSING
+    data: DataConfig = MISSING
+    optim: OptimConfig = MISSING
+    train: TrainConfig = MISSING
+    debug: DebugConfig = MISSING
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+GROUP_SCHEMAS = {
+    "model": ModelConfig,
+    "lora": LoraConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "debug": DebugConfig,
+}
+
+
+def register_configs() -> None:
+    """Register the schemas; idempotent, so tests and the CLI can both call it."""
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    for group, schema in GROUP_SCHEMAS.items():
+        cs.store(group=group, name=f"{group}_schema", node=schema)
+
+
+def to_typed(cfg: Any) -> Config:
+    """Turn a composed DictConfig into the typed Config (plain Python values, no OmegaConf nodes)."""
+    if isinstance(cfg, Config):
+        return cfg
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]

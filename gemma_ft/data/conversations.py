@@ -1,0 +1,187 @@
+"""CSV -> conversations -> seeded train/validation split -> chat-template text.
+
+The CSV is read and checked completely before any model work starts, so a bad file costs seconds, not a model
+load. Every problem is a DataError whose message names the file, column or row and how to fix it.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import io
+import math
+import random
+import re
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+
+from gemma_ft.config import DataConfig
+from gemma_ft.errors import DataError
+
+BUILTIN_PREFIX = "builtin:"
+_DELIMITERS = {",": "','", ";": "';'", "\t": "'\\t' (tab)"}
+# Gemma 3's control text: inside a cell it would become a special token or a turn boundary.
+CONTROL_TEXT = re.compile(r"<(?:start_of_turn|end_of_turn|bos|eos|pad|unk|mask|start_of_image|end_of_image|unused\d+)>")
+
+
+@dataclass(frozen=True)
+class Conversation:
+    row: int  # 1-based line of the record in the CSV (header is line 1)
+    system: str | None
+    user: str
+    assistant: str
+
+    def messages(self, include_reply: bool = True) -> list[dict]:
+        turns = [{"role": "system", "content": self.system}] if self.system else []
+        turns.append({"role": "user", "content": self.user})
+        if include_reply:
+            turns.append({"role": "assistant", "content": self.assistant})
+        return turns
+
+
+@dataclass(frozen=True)
+class Split:
+    train: list[Conversation]
+    validation: list[Conversation]
+
+
+def resolve_data_path(path: str) -> Path:
+    """A builtin sample, or a path; relative paths resolve against the directory the command started in."""
+    if path.startswith(BUILTIN_PREFIX):
+        name = path.removeprefix(BUILTIN_PREFIX)
+        candidate = Path(str(files("gemma_ft.data").joinpath(f"{name}.csv")))
+        if not candidate.is_file():
+            raise DataError(f"data.path={path!r}: there is no builtin data set {name!r}; try builtin:chess_sample")
+        return candidate
+    return Path(path).expanduser().resolve()
+
+
+def load_conversations(cfg: DataConfig) -> list[Conversation]:
+    """Read, check and map every row of the CSV named by `cfg.path`."""
+    path = resolve_data_path(cfg.path)
+    text = _read_text(path, cfg.encoding)
+    delimiter = cfg.delimiter or _detect_delimiter(path, text)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    try:
+        records = [(reader.line_num, record) for record in reader]
+    except csv.Error as exc:
+        raise DataError(f"{path}: line {reader.line_num}: malformed CSV ({exc}); check the quoting there") from None
+    records = [(line, rec) for line, rec in records if any(cell.strip() for cell in rec)]
+    if not records:
+        raise DataError(f"{path}: the file has no header and no rows; give a CSV with a header line and data rows")
+    header_line, header = records[0]
+    header = [name.strip().lstrip("\ufeff") for name in header]
+    rows = records[1:]
+    if not rows:
+        raise DataError(f"{path}: the file has a header but no data rows; add rows under {','.join(header)}")
+    duplicates = sorted({name for name in header if header.count(name) > 1})
+    if duplicates:
+        raise DataError(f"{path}: duplicate column names {duplicates}; rename them so each column is unique")
+    index = _column_indices(path, header, cfg)
+    return _map_rows(path, rows, len(header), index, cfg)
+
+
+def _read_text(path: Path, encoding: str) -> str:
+    if not path.exists():
+        raise DataError(f"data.path: {path} does not exist; point data.path at your CSV file")
+    if not path.is_file():
+        raise DataError(f"data.path: {path} is not a file; point data.path at a CSV file")
+    raw = path.read_bytes()
+    try:
+        return raw.decode(encoding)
+    except LookupError:
+        raise DataError(f"data.encoding={encoding!r} is not a known encoding; use e.g. utf-8, latin-1, cp1252") from None
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}: not valid {encoding} at line {line}, byte offset {exc.start} "
+            f"(byte 0x{raw[exc.start]:02x}); re-save the file as UTF-8 or set data.encoding (e.g. latin-1)"
+        ) from None
+
+
+def _detect_delimiter(path: Path, text: str) -> str:
+    header = text.lstrip("\ufeff").split("\n", 1)[0]
+    counts = {d: header.count(d) for d in _DELIMITERS}
+    best = max(counts, key=counts.get)
+    return best if counts[best] > 0 else ","
+
+
+def _column_indices(path: Path, header: list[str], cfg: DataConfig) -> dict[str, int]:
+    wanted = {"user": cfg.columns.user, "assistant": cfg.columns.assistant}
+    if cfg.columns.system is not None:
+        wanted["system"] = cfg.columns.system
+    missing, fixes = [], []
+    for role, name in wanted.items():
+        if name not in header:
+            close = difflib.get_close_matches(name, header, n=1, cutoff=0.5)
+            missing.append(f"column {name!r} (data.columns.{role}) is missing")
+            fixes.append(f"data.columns.{role}={close[0] if close else '<one of them>'}")
+    if missing:
+        raise DataError(f"{path}: {'; '.join(missing)}; the columns are {header}; set {' '.join(fixes)}")
+    return {role: header.index(name) for role, name in wanted.items()}
+
+
+def _map_rows(path: Path, rows, width: int, index: dict[str, int], cfg: DataConfig) -> list[Conversation]:
+    conversations, bad, control = [], [], []
+    for line, record in rows:
+        if len(record) != width:
+            raise DataError(
+                f"{path}: line {line} has {len(record)} fields, the header has {width}; quote cells that contain "
+                f"the delimiter, or set data.delimiter"
+            )
+        cells = {role: record[i] for role, i in index.items()}
+        required = ["user", "assistant"] + (["system"] if "system" in cells else [])
+        if any(_is_missing(cells[role]) for role in required):
+            bad.append(line)
+            continue
+        if any(CONTROL_TEXT.search(cells[role]) for role in cells):
+            if cfg.control_tokens == "error":
+                control.append(line)
+                continue
+            cells = {role: _neutralise(value, cfg.control_tokens) for role, value in cells.items()}
+        system = cells["system"] if "system" in cells else cfg.system_prompt
+        conversations.append(Conversation(line, system or None, cells["user"], cells["assistant"]))
+    if control:
+        raise DataError(
+            f"{path}: {len(control)} row(s) contain Gemma 3 control text such as <start_of_turn> "
+            f"(first at line {control[0]}); remove it, or set data.control_tokens=escape or strip"
+        )
+    if bad and cfg.on_bad_rows == "error":
+        raise DataError(
+            f"{path}: {len(bad)} row(s) have an empty required cell (first at line {bad[0]}); fill them, "
+            "or set data.on_bad_rows=skip to drop them"
+        )
+    if not conversations:
+        raise DataError(f"{path}: every row was dropped ({len(bad)} with empty cells); nothing is left to train on")
+    return conversations
+
+
+def _is_missing(value: str) -> bool:
+    return value.strip().lower() in ("", "nan", "null", "none", "n/a")
+
+
+def _neutralise(value: str, policy: str) -> str:
+    if policy == "strip":
+        return CONTROL_TEXT.sub("", value)
+    # A zero-width joiner after "<" keeps the text readable but stops it matching any special token.
+    return CONTROL_TEXT.sub(lambda m: "<\u200d" + m.group(0)[1:], value)
+
+
+def split_conversations(conversations: list[Conversation], val_size: float, seed: int) -> Split:
+    """Seeded hold-out: the same rows for the same seed and file in every run and every sweep job."""
+    n = len(conversations)
+    n_val = int(val_size) if val_size >= 1 else math.ceil(n * val_size)
+    if n_val <= 0 and val_size > 0:
+        n_val = 1
+    if n_val >= n:
+        raise DataError(
+            f"data.val_size={val_size} holds out {n_val} of {n} rows and leaves none to train on; lower it"
+        )
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    held_out = set(order[:n_val])
+    return Split(
+        train=[c for i, c in enumerate(conversations) if i not in held_out],
+        validation=[c for i, c in enumerate(conversations) if i in held_out],
+    )

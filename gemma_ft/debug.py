@@ -1,0 +1,80 @@
+"""The seed notebook's debugging output: memory statistics and one fully worked training example."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+
+from gemma_ft.training import IGNORE_INDEX
+
+
+def peak_rss_gib() -> float:
+    # ru_maxrss is KiB on Linux, bytes on macOS.
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**30
+
+
+@dataclass
+class MemoryStats:
+    """Memory and time around training: GPU reserved memory on CUDA, process peak RSS on a CPU."""
+
+    verbose: bool
+    start_reserved_gib: float = 0.0
+    started_at: float = field(default_factory=time.perf_counter)
+
+    def start(self) -> None:
+        import torch
+
+        self.started_at = time.perf_counter()
+        if torch.cuda.is_available():
+            self.start_reserved_gib = torch.cuda.max_memory_reserved() / 2**30
+            if self.verbose:
+                props = torch.cuda.get_device_properties(0)
+                total = props.total_memory / 2**30
+                print(f"GPU = {props.name}. Max memory = {total:.3f} GB.")
+                print(f"{self.start_reserved_gib:.3f} GB of memory reserved.")
+        elif self.verbose:
+            print(f"CPU run. Peak RSS so far = {peak_rss_gib():.3f} GB.")
+
+    def finish(self) -> dict:
+        """Print the after-training report (when verbose) and return runtime and peak memory."""
+        import torch
+
+        runtime = time.perf_counter() - self.started_at
+        if torch.cuda.is_available():
+            total = torch.cuda.get_device_properties(0).total_memory / 2**30
+            peak = torch.cuda.max_memory_reserved() / 2**30
+            used_for_training = peak - self.start_reserved_gib
+            if self.verbose:
+                print(f"{runtime:.1f} seconds used for training.")
+                print(f"{runtime / 60:.2f} minutes used for training.")
+                print(f"Peak reserved memory = {peak:.3f} GB.")
+                print(f"Peak reserved memory for training = {used_for_training:.3f} GB.")
+                print(f"Peak reserved memory % of max memory = {100 * peak / total:.3f} %.")
+                print(f"Peak reserved memory for training % of max memory = {100 * used_for_training / total:.3f} %.")
+            return {"runtime_s": runtime, "peak_memory_gib": peak, "device": torch.cuda.get_device_name(0)}
+        peak = peak_rss_gib()
+        if self.verbose:
+            print(f"{runtime:.1f} seconds used for training.")
+            print(f"{runtime / 60:.2f} minutes used for training.")
+            print(f"Peak process memory (RSS) = {peak:.3f} GB.")
+        return {"runtime_s": runtime, "peak_memory_gib": peak, "device": "cpu"}
+
+
+def show_example(trainer, tokenizer, conversations, index: int) -> None:
+    """Print one training row at each stage: CSV row, formatted text, tokens, and the labels that train."""
+    dataset = trainer.train_dataset
+    index = max(0, min(index, len(dataset) - 1))
+    row = dataset[index]
+    print("=== Dataset Example ===")
+    print(conversations[index] if index < len(conversations) else row)
+    print("=== Formatted Text ===")
+    print(tokenizer.decode(row["input_ids"]))
+    print("=== Tokenized Input ===")
+    print(row["input_ids"])
+    print("=== Masked Labels (only assistant responses) ===")
+    space = tokenizer.convert_tokens_to_ids("▁")
+    shown = [space if label == IGNORE_INDEX else label for label in row["labels"]]
+    print(tokenizer.decode(shown).replace("▁", " "))

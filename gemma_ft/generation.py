@@ -1,0 +1,42 @@
+"""Greedy answers to held-out prompts, and their exact-match rate against the expected replies."""
+
+from __future__ import annotations
+
+from gemma_ft.chat_template import END_OF_TURN, render_text
+from gemma_ft.data.conversations import Conversation
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    return [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END_OF_TURN)]
+
+
+def generate_replies(model, tokenizer, conversations: list[Conversation], max_new_tokens: int,
+                     batch_size: int = 8) -> list[str]:
+    import torch
+
+    prompts = [render_text(tokenizer, c.messages(include_reply=False), add_generation_prompt=True)
+               for c in conversations]
+    replies: list[str] = []
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation continues from the right end of every row
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(prompts), batch_size):
+            batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True).to(model.device)
+            with torch.inference_mode():
+                out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                     eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
+            new_tokens = out[:, batch["input_ids"].shape[1]:]
+            replies.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = padding_side
+        model.train(was_training)
+    return [reply.strip() for reply in replies]
+
+
+def exact_match(replies: list[str], conversations: list[Conversation]) -> float:
+    if not conversations:
+        return 0.0
+    hits = sum(r.strip() == c.assistant.strip() for r, c in zip(replies, conversations))
+    return hits / len(conversations)

@@ -1,0 +1,93 @@
+"""Tokenizer and model loading through unsloth (GPU backend on CUDA, its CPU backend elsewhere)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from gemma_ft.config import LoraConfig, ModelConfig
+from gemma_ft.errors import ConfigError
+from gemma_ft.models.builtin import is_builtin, resolve_builtin
+
+log = logging.getLogger(__name__)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A local folder for builtin and local models; hub ids pass through unchanged."""
+    if is_builtin(name_or_path):
+        return str(resolve_builtin(name_or_path))
+    local = Path(name_or_path).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise ConfigError(f"model.name_or_path={name_or_path!r} is a folder without config.json; "
+                              "point it at a Hugging Face model folder")
+        return str(local.resolve())
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
+        raise ConfigError(f"model.name_or_path={name_or_path!r} does not exist; point it at a local model folder, "
+                          "a hub id such as unsloth/gemma-3-270m-it, or builtin:gemma3-270m")
+    return name_or_path
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name_or_path)
+
+
+def load_model(cfg: ModelConfig, lora: LoraConfig, name_or_path: str, max_seq_length: int):
+    """The base model via unsloth's FastModel; returns (model, tokenizer unsloth pairs with it)."""
+    from unsloth import FastModel
+
+    import torch
+
+    dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
+    try:
+        model, tokenizer = FastModel.from_pretrained(
+            model_name=name_or_path,
+            max_seq_length=max_seq_length,
+            dtype=dtype,
+            load_in_4bit=cfg.load_in_4bit,
+            full_finetuning=cfg.full_finetuning,
+        )
+    except OSError as exc:
+        if "offline" in str(exc).lower() or "connect" in str(exc).lower() or "resolve" in str(exc).lower():
+            raise ConfigError(
+                f"model.name_or_path={name_or_path!r}: the model hub is unreachable; download the model elsewhere "
+                "and set model.name_or_path to its local folder (or use model=gemma3_270m)"
+            ) from None
+        raise
+    return model, tokenizer
+
+
+def add_lora_adapters(model, cfg: LoraConfig, tokenizer, seed: int):
+    """Wrap the model in LoRA adapters as `cfg` says; plain Python values only (OmegaConf nodes break saving)."""
+    from unsloth import FastModel
+
+    modules_to_save = []
+    if cfg.train_lm_head:
+        modules_to_save.append("lm_head")
+    if cfg.train_embeddings:
+        modules_to_save.append("embed_tokens")
+    extra = {}
+    if cfg.trainable_tokens:
+        token_ids = []
+        for token in cfg.trainable_tokens:
+            ids = tokenizer.convert_tokens_to_ids([token])
+            if not ids or ids[0] is None or ids[0] == tokenizer.unk_token_id:
+                raise ConfigError(f"lora.trainable_tokens: {token!r} is not a token of this tokenizer; "
+                                  "list whole tokens such as <end_of_turn>")
+            token_ids.extend(ids)
+        extra["trainable_token_indices"] = {"embed_tokens": list(token_ids)}
+    return FastModel.get_peft_model(
+        model,
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        bias=cfg.bias,
+        use_gradient_checkpointing=cfg.use_gradient_checkpointing,
+        random_state=seed,
+        use_rslora=cfg.use_rslora,
+        modules_to_save=modules_to_save or None,
+        **extra,
+    )

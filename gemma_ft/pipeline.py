@@ -1,0 +1,113 @@
+"""The runner: a typed config in, a fine-tuned adapter and its metrics out.
+
+Stages run top to bottom in dependency order; each is one explicit builder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from gemma_ft.config import Config, to_typed
+from gemma_ft.validation import validate
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: Any, run_dir: str | Path | None = None) -> dict:
+    """Fine-tune as `cfg` says; writes the adapter, metrics.json and samples into `run_dir`; returns the metrics."""
+    cfg: Config = to_typed(cfg)
+    # Cheap checks first: a bad value or a bad CSV must cost seconds, not a model load.
+    validate(cfg)
+    run_dir = Path(run_dir or cfg.run.dir or "outputs/run").resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    from gemma_ft.data.conversations import load_conversations, split_conversations
+
+    conversations = load_conversations(cfg.data)
+    split = split_conversations(conversations, cfg.data.val_size, cfg.data.split_seed)
+    log.info("Data: %d rows -> %d train, %d validation", len(conversations), len(split.train), len(split.validation))
+
+    # unsloth must be imported before transformers, trl and peft: it patches them.
+    import unsloth  # noqa: F401
+
+    from gemma_ft.chat_template import apply_gemma3_template, render_text
+    from gemma_ft.debug import MemoryStats, show_example
+    from gemma_ft.generation import exact_match, generate_replies
+    from gemma_ft.models.loading import add_lora_adapters, load_model, load_tokenizer, resolve_model_path
+    from gemma_ft.training import build_trainer, mask_to_responses
+
+    model_path = resolve_model_path(cfg.model.name_or_path)
+    # The template is set before anything renders text, and checked, so a wrong template cannot train silently.
+    tokenizer = apply_gemma3_template(load_tokenizer(model_path))
+    model, _ = load_model(cfg.model, cfg.lora, model_path, cfg.train.max_seq_length)
+    model = add_lora_adapters(model, cfg.lora, tokenizer, cfg.train.seed)
+
+    from datasets import Dataset
+
+    def as_dataset(rows):
+        return Dataset.from_dict({"text": [render_text(tokenizer, c.messages()) for c in rows]})
+
+    train_dataset, eval_dataset = as_dataset(split.train), as_dataset(split.validation)
+    trainer = build_trainer(model, tokenizer, train_dataset, eval_dataset, cfg, run_dir / "checkpoints")
+    dropped = mask_to_responses(trainer)
+
+    if cfg.debug.show_examples:
+        show_example(trainer, tokenizer, split.train, cfg.debug.example_index)
+
+    em_rows = split.validation[: cfg.train.exact_match_rows]
+    replies_before = generate_replies(model, tokenizer, em_rows, cfg.train.max_new_tokens) if em_rows else []
+
+    memory = MemoryStats(cfg.debug.verbose)
+    memory.start()
+    train_output = trainer.train()
+    resources = memory.finish()
+    eval_metrics = trainer.evaluate()
+
+    replies_after = generate_replies(model, tokenizer, em_rows, cfg.train.max_new_tokens) if em_rows else []
+    metrics = {
+        "train_loss": train_output.training_loss,
+        "eval_loss": eval_metrics["eval_loss"],
+        "weight_decay": cfg.optim.weight_decay,
+        "learning_rate": cfg.optim.lr,
+        "max_steps": cfg.train.max_steps,
+        "global_step": trainer.state.global_step,
+        **resources,
+        "exact_match_before": exact_match(replies_before, em_rows),
+        "exact_match_after": exact_match(replies_after, em_rows),
+        "exact_match_rows": len(em_rows),
+        "train_rows": len(trainer.train_dataset),
+        "eval_rows": len(trainer.eval_dataset),
+        "rows_dropped_too_long": dropped,
+    }
+    save_outputs(run_dir, model, tokenizer, metrics, em_rows, replies_before, replies_after)
+    log.info("Done: eval_loss=%.4f exact match %.3f -> %.3f; outputs in %s", metrics["eval_loss"],
+             metrics["exact_match_before"], metrics["exact_match_after"], run_dir)
+    return metrics
+
+
+def save_outputs(run_dir: Path, model, tokenizer, metrics: dict, rows, replies_before, replies_after) -> None:
+    """Adapter, samples and metrics; each written beside its final name and renamed, so none is half-written."""
+    staging = run_dir / ".adapter.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(str(staging))
+    tokenizer.save_pretrained(str(staging))
+    shutil.rmtree(run_dir / "adapter", ignore_errors=True)
+    staging.rename(run_dir / "adapter")
+    samples = [
+        {"row": c.row, "system": c.system, "prompt": c.user, "expected": c.assistant,
+         "generated_before": before, "generated_after": after}
+        for c, before, after in zip(rows, replies_before, replies_after)
+    ]
+    _write_json(run_dir / "samples.json", samples)
+    _write_json(run_dir / "metrics.json", metrics)
+
+
+def _write_json(path: Path, payload) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,78 @@
+"""The TRL SFTTrainer, masked so that only the assistant's replies carry loss."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from gemma_ft.chat_template import MODEL_TURN, USER_TURN
+from gemma_ft.config import Config
+from gemma_ft.errors import DataError
+
+log = logging.getLogger(__name__)
+IGNORE_INDEX = -100
+
+
+def build_trainer(model, tokenizer, train_dataset, eval_dataset, cfg: Config, checkpoint_dir: Path):
+    from trl import SFTConfig, SFTTrainer
+
+    t, o = cfg.train, cfg.optim
+    args = SFTConfig(
+        output_dir=str(checkpoint_dir),
+        dataset_text_field="text",
+        max_length=t.max_seq_length,
+        packing=False,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        max_steps=t.max_steps,
+        num_train_epochs=t.num_train_epochs,
+        learning_rate=o.lr,
+        weight_decay=o.weight_decay,
+        optim=o.name,
+        lr_scheduler_type=o.lr_scheduler_type,
+        warmup_steps=o.warmup_steps,
+        max_grad_norm=o.max_grad_norm,
+        logging_steps=t.logging_steps,
+        eval_strategy="steps" if t.eval_steps > 0 else "no",
+        eval_steps=t.eval_steps if t.eval_steps > 0 else None,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        seed=t.seed,
+        data_seed=t.seed,
+        report_to=[] if t.report_to == "none" else [t.report_to],
+        logging_dir=str(checkpoint_dir.parent / "tensorboard"),
+        dataset_num_proc=1,
+        disable_tqdm=False,
+    )
+    return SFTTrainer(
+        model=model,
+        processing_class=tokenizer,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        args=args,
+    )
+
+
+def mask_to_responses(trainer) -> dict[str, int]:
+    """Apply unsloth's train_on_responses_only; return how many rows each split lost to truncation."""
+    from unsloth.chat_templates import train_on_responses_only
+
+    before = {"train": len(trainer.train_dataset), "eval": len(trainer.eval_dataset)}
+    train_on_responses_only(trainer, instruction_part=USER_TURN, response_part=MODEL_TURN)
+    dropped = {
+        "train": before["train"] - len(trainer.train_dataset),
+        "eval": before["eval"] - len(trainer.eval_dataset),
+    }
+    for split, count in dropped.items():
+        if count:
+            log.warning("%d %s row(s) dropped: max_seq_length=%d cuts off the whole reply "
+                        "(raise train.max_seq_length to keep them)", count, split, trainer.args.max_length)
+    if len(trainer.train_dataset) == 0:
+        raise DataError(f"every training row was dropped: train.max_seq_length={trainer.args.max_length} cuts off "
+                        "every reply; raise train.max_seq_length")
+    if len(trainer.eval_dataset) == 0:
+        raise DataError(f"every validation row was dropped: train.max_seq_length={trainer.args.max_length} cuts off "
+                        "every reply; raise train.max_seq_length")
+    return dropped

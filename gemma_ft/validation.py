@@ -1,0 +1,58 @@
+"""Cross-field checks of the typed config, all reported at once, before any expensive work."""
+
+from __future__ import annotations
+
+from gemma_ft.config import Config
+from gemma_ft.errors import ConfigError
+
+REPORT_TO = ("tensorboard", "wandb", "mlflow", "none")
+
+
+def problems(cfg: Config) -> list[str]:
+    found = []
+
+    def require(ok: bool, message: str) -> None:
+        if not ok:
+            found.append(message)
+
+    require(cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr} must be > 0 (e.g. 2e-4)")
+    require(cfg.optim.weight_decay >= 0, f"optim.weight_decay={cfg.optim.weight_decay} must be >= 0 (e.g. 0.001)")
+    require(cfg.optim.warmup_steps >= 0, f"optim.warmup_steps={cfg.optim.warmup_steps} must be >= 0")
+    require(cfg.lora.r > 0, f"lora.r={cfg.lora.r} must be > 0 (e.g. 16)")
+    require(cfg.lora.alpha > 0, f"lora.alpha={cfg.lora.alpha} must be > 0 (e.g. equal to lora.r)")
+    require(0 <= cfg.lora.dropout < 1, f"lora.dropout={cfg.lora.dropout} must be in [0, 1)")
+    require(bool(cfg.lora.target_modules) or cfg.model.full_finetuning,
+            "lora.target_modules is empty; list the projections to adapt (e.g. [q_proj, v_proj])")
+    require(cfg.lora.bias in ("none", "all", "lora_only"), f"lora.bias={cfg.lora.bias!r} must be none, all or lora_only")
+    t = cfg.train
+    require(t.max_steps == -1 or t.max_steps > 0,
+            f"train.max_steps={t.max_steps} must be > 0, or -1 to train for train.num_train_epochs")
+    require(t.per_device_train_batch_size > 0, f"train.per_device_train_batch_size={t.per_device_train_batch_size} must be > 0")
+    require(t.per_device_eval_batch_size > 0, f"train.per_device_eval_batch_size={t.per_device_eval_batch_size} must be > 0")
+    require(t.gradient_accumulation_steps > 0, f"train.gradient_accumulation_steps={t.gradient_accumulation_steps} must be > 0")
+    require(t.max_seq_length >= 32, f"train.max_seq_length={t.max_seq_length} is too small for the chat template; use >= 32")
+    require(t.save_steps > 0, f"train.save_steps={t.save_steps} must be > 0")
+    require(t.save_total_limit > 0, f"train.save_total_limit={t.save_total_limit} must be > 0")
+    require(t.logging_steps > 0, f"train.logging_steps={t.logging_steps} must be > 0")
+    require(t.eval_steps >= 0, f"train.eval_steps={t.eval_steps} must be >= 0 (0: evaluate at the end only)")
+    require(t.exact_match_rows >= 0, f"train.exact_match_rows={t.exact_match_rows} must be >= 0")
+    require(t.report_to in REPORT_TO, f"train.report_to={t.report_to!r} must be one of {', '.join(REPORT_TO)}")
+    d = cfg.data
+    require(d.val_size > 0, f"data.val_size={d.val_size} must be > 0: the run evaluates on held-out rows")
+    require(d.val_size < 1 or float(d.val_size).is_integer(),
+            f"data.val_size={d.val_size}: use a fraction in (0, 1) or a whole number of rows")
+    require(d.on_bad_rows in ("error", "skip"), f"data.on_bad_rows={d.on_bad_rows!r} must be error or skip")
+    require(d.control_tokens in ("error", "escape", "strip"),
+            f"data.control_tokens={d.control_tokens!r} must be error, escape or strip")
+    require(d.delimiter is None or len(d.delimiter) == 1, f"data.delimiter={d.delimiter!r} must be one character")
+    require(not (cfg.model.load_in_4bit and cfg.model.full_finetuning),
+            "model.load_in_4bit=true with model.full_finetuning=true: 4-bit weights cannot be fully fine-tuned; "
+            "turn one off")
+    require(cfg.debug.example_index >= 0, f"debug.example_index={cfg.debug.example_index} must be >= 0")
+    return found
+
+
+def validate(cfg: Config) -> None:
+    found = problems(cfg)
+    if found:
+        raise ConfigError("; ".join(found))
