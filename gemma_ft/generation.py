@@ -14,6 +14,8 @@ def generate_replies(model, tokenizer, conversations: list[Conversation], max_ne
                      batch_size: int = 8) -> list[str]:
     import torch
 
+    if not conversations:
+        return []
     prompts = [render_text(tokenizer, c.messages(include_reply=False), add_generation_prompt=True)
                for c in conversations]
     replies: list[str] = []

@@ -9,58 +9,79 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gemma_ft.config import Config, to_typed
+from gemma_ft.data.conversations import Split, load_conversations, split_conversations
 from gemma_ft.validation import validate
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: Any, run_dir: str | Path | None = None) -> dict:
-    """Fine-tune as `cfg` says; writes the adapter, metrics.json and samples into `run_dir`; returns the metrics."""
+@dataclass
+class Prepared:
+    """Everything training needs, built in dependency order by `prepare`."""
+
+    cfg: Config
+    run_dir: Path
+    split: Split
+    tokenizer: Any
+    model: Any
+    trainer: Any
+    rows_dropped_too_long: dict
+
+
+def prepare(cfg: Any, run_dir: str | Path | None = None) -> Prepared:
+    """Stages up to a ready trainer: data check -> tokenizer -> chat template -> model -> LoRA -> dataset ->
+    SFTTrainer -> response-only masking."""
     cfg: Config = to_typed(cfg)
     # Cheap checks first: a bad value or a bad CSV must cost seconds, not a model load.
     validate(cfg)
-    run_dir = Path(run_dir or cfg.run.dir or "outputs/run").resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-    from gemma_ft.data.conversations import load_conversations, split_conversations
-
     conversations = load_conversations(cfg.data)
     split = split_conversations(conversations, cfg.data.val_size, cfg.data.split_seed)
     log.info("Data: %d rows -> %d train, %d validation", len(conversations), len(split.train), len(split.validation))
+    run_dir = Path(run_dir or cfg.run.dir or "outputs/run").resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
 
     # unsloth must be imported before transformers, trl and peft: it patches them.
     import unsloth  # noqa: F401
 
-    from gemma_ft.chat_template import apply_gemma3_template, render_text
-    from gemma_ft.debug import MemoryStats, show_example
-    from gemma_ft.generation import exact_match, generate_replies
+    import datasets
+
+    from gemma_ft.chat_template import apply_gemma3_template
     from gemma_ft.models.loading import add_lora_adapters, load_model, load_tokenizer, resolve_model_path
-    from gemma_ft.training import build_trainer, mask_to_responses
+    from gemma_ft.training import build_trainer, mask_to_responses, tokenize_conversations
 
     model_path = resolve_model_path(cfg.model.name_or_path)
-    # The template is set before anything renders text, and checked, so a wrong template cannot train silently.
+    # The template is set and checked before anything renders text, so a wrong template cannot train silently.
     tokenizer = apply_gemma3_template(load_tokenizer(model_path))
-    model, _ = load_model(cfg.model, cfg.lora, model_path, cfg.train.max_seq_length)
+    model = load_model(cfg.model, model_path, cfg.train.max_seq_length)
     model = add_lora_adapters(model, cfg.lora, tokenizer, cfg.train.seed)
 
-    from datasets import Dataset
-
-    def as_dataset(rows):
-        return Dataset.from_dict({"text": [render_text(tokenizer, c.messages()) for c in rows]})
-
-    train_dataset, eval_dataset = as_dataset(split.train), as_dataset(split.validation)
+    # The data lives in memory; caching it on disk would only cost time.
+    datasets.disable_caching()
+    train_dataset = tokenize_conversations(tokenizer, split.train)
+    eval_dataset = tokenize_conversations(tokenizer, split.validation)
     trainer = build_trainer(model, tokenizer, train_dataset, eval_dataset, cfg, run_dir / "checkpoints")
     dropped = mask_to_responses(trainer)
+    return Prepared(cfg, run_dir, split, tokenizer, model, trainer, dropped)
+
+
+def run(cfg: Any, run_dir: str | Path | None = None) -> dict:
+    """Fine-tune as `cfg` says; writes the adapter, metrics.json and samples into `run_dir`; returns the metrics."""
+    p = prepare(cfg, run_dir)
+    cfg, model, tokenizer, trainer = p.cfg, p.model, p.tokenizer, p.trainer
+
+    from gemma_ft.debug import MemoryStats, show_example
+    from gemma_ft.generation import exact_match, generate_replies
 
     if cfg.debug.show_examples:
-        show_example(trainer, tokenizer, split.train, cfg.debug.example_index)
+        show_example(trainer, tokenizer, p.split.train, cfg.debug.example_index)
 
-    em_rows = split.validation[: cfg.train.exact_match_rows]
-    replies_before = generate_replies(model, tokenizer, em_rows, cfg.train.max_new_tokens) if em_rows else []
+    em_rows = p.split.validation[: cfg.train.exact_match_rows]
+    replies_before = generate_replies(model, tokenizer, em_rows, cfg.train.max_new_tokens)
 
     memory = MemoryStats(cfg.debug.verbose)
     memory.start()
@@ -68,7 +89,7 @@ def run(cfg: Any, run_dir: str | Path | None = None) -> dict:
     resources = memory.finish()
     eval_metrics = trainer.evaluate()
 
-    replies_after = generate_replies(model, tokenizer, em_rows, cfg.train.max_new_tokens) if em_rows else []
+    replies_after = generate_replies(model, tokenizer, em_rows, cfg.train.max_new_tokens)
     metrics = {
         "train_loss": train_output.training_loss,
         "eval_loss": eval_metrics["eval_loss"],
@@ -82,11 +103,11 @@ def run(cfg: Any, run_dir: str | Path | None = None) -> dict:
         "exact_match_rows": len(em_rows),
         "train_rows": len(trainer.train_dataset),
         "eval_rows": len(trainer.eval_dataset),
-        "rows_dropped_too_long": dropped,
+        "rows_dropped_too_long": p.rows_dropped_too_long,
     }
-    save_outputs(run_dir, model, tokenizer, metrics, em_rows, replies_before, replies_after)
-    log.info("Done: eval_loss=%.4f exact match %.3f -> %.3f; outputs in %s", metrics["eval_loss"],
-             metrics["exact_match_before"], metrics["exact_match_after"], run_dir)
+    save_outputs(p.run_dir, model, tokenizer, metrics, em_rows, replies_before, replies_after)
+    log.info("Done: eval_loss=%.4f, exact match %.3f -> %.3f; outputs in %s", metrics["eval_loss"],
+             metrics["exact_match_before"], metrics["exact_match_after"], p.run_dir)
     return metrics
 
 

@@ -13,13 +13,25 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 
 
+def tokenize_conversations(tokenizer, conversations):
+    """Chat-template text tokenised once, with one BOS and no EOS after the template's closing "<end_of_turn>\n".
+
+    Handing the trainer token ids (not text) keeps TRL from appending <eos> to every row and from re-tokenising.
+    """
+    from datasets import Dataset
+
+    from gemma_ft.chat_template import render_text
+
+    texts = [render_text(tokenizer, c.messages()) for c in conversations]
+    return Dataset.from_dict({"input_ids": tokenizer(texts).input_ids})
+
+
 def build_trainer(model, tokenizer, train_dataset, eval_dataset, cfg: Config, checkpoint_dir: Path):
     from trl import SFTConfig, SFTTrainer
 
     t, o = cfg.train, cfg.optim
     args = SFTConfig(
         output_dir=str(checkpoint_dir),
-        dataset_text_field="text",
         max_length=t.max_seq_length,
         packing=False,
         per_device_train_batch_size=t.per_device_train_batch_size,
@@ -42,7 +54,6 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset, cfg: Config, ch
         seed=t.seed,
         data_seed=t.seed,
         report_to=[] if t.report_to == "none" else [t.report_to],
-        logging_dir=str(checkpoint_dir.parent / "tensorboard"),
         dataset_num_proc=1,
         disable_tqdm=False,
     )

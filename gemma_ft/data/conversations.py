@@ -63,8 +63,13 @@ def load_conversations(cfg: DataConfig) -> list[Conversation]:
     text = _read_text(path, cfg.encoding)
     delimiter = cfg.delimiter or _detect_delimiter(path, text)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    records = []
     try:
-        records = [(reader.line_num, record) for record in reader]
+        start = 1
+        for record in reader:
+            # line_num is where the record ends; a quoted cell may span lines, so keep where it started.
+            records.append((start, record))
+            start = reader.line_num + 1
     except csv.Error as exc:
         raise DataError(f"{path}: line {reader.line_num}: malformed CSV ({exc}); check the quoting there") from None
     records = [(line, rec) for line, rec in records if any(cell.strip() for cell in rec)]

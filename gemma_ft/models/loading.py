@@ -34,15 +34,15 @@ def load_tokenizer(name_or_path: str):
     return AutoTokenizer.from_pretrained(name_or_path)
 
 
-def load_model(cfg: ModelConfig, lora: LoraConfig, name_or_path: str, max_seq_length: int):
-    """The base model via unsloth's FastModel; returns (model, tokenizer unsloth pairs with it)."""
+def load_model(cfg: ModelConfig, name_or_path: str, max_seq_length: int):
+    """The base model via unsloth's FastModel (its own tokenizer is dropped: ours carries the checked template)."""
     from unsloth import FastModel
 
     import torch
 
     dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
     try:
-        model, tokenizer = FastModel.from_pretrained(
+        model, _ = FastModel.from_pretrained(
             model_name=name_or_path,
             max_seq_length=max_seq_length,
             dtype=dtype,
@@ -56,7 +56,7 @@ def load_model(cfg: ModelConfig, lora: LoraConfig, name_or_path: str, max_seq_le
                 "and set model.name_or_path to its local folder (or use model=gemma3_270m)"
             ) from None
         raise
-    return model, tokenizer
+    return model
 
 
 def add_lora_adapters(model, cfg: LoraConfig, tokenizer, seed: int):

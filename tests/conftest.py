@@ -1,0 +1,69 @@
+"""Shared fixtures: composing the real configs, the tiny model, and small CSVs written by the tests."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from gemma_ft.config import register_configs, to_typed
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+# Fast settings for tiny-model runs; tests add what they check.
+TINY = [
+    "model=tiny",
+    "train.max_steps=4",
+    "train.per_device_train_batch_size=2",
+    "train.logging_steps=1",
+    "train.exact_match_rows=2",
+    "train.max_new_tokens=4",
+    "train.report_to=none",
+    "train.max_seq_length=128",
+]
+
+
+def compose_config(overrides: list[str] = ()):
+    """The config exactly as `python -m gemma_ft <overrides>` composes it."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def typed_config(overrides: list[str] = ()):
+    return to_typed(compose_config(overrides))
+
+
+def write_csv(path: Path, rows: list[list[str]], header=("task", "input", "expected_output"), **kwargs) -> Path:
+    with path.open("w", newline="", encoding=kwargs.pop("encoding", "utf-8")) as handle:
+        writer = csv.writer(handle, **kwargs)
+        if header is not None:
+            writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def chess_rows(n: int) -> list[list[str]]:
+    from gemma_ft.data.make_chess_sample import make_rows
+
+    return [[r["task"], r["input"], r["expected_output"]] for r in make_rows(n, seed=1)]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    from gemma_ft.models.builtin import resolve_builtin
+
+    return resolve_builtin("builtin:tiny-gemma3")
+
+
+@pytest.fixture(scope="session")
+def gemma_tokenizer(tiny_model_dir):
+    """The real Gemma 3 tokenizer with the chat template applied, as the runner prepares it."""
+    import unsloth  # noqa: F401  (patches transformers first, as in the runner)
+
+    from gemma_ft.chat_template import apply_gemma3_template
+    from gemma_ft.models.loading import load_tokenizer
+
+    return apply_gemma3_template(load_tokenizer(str(tiny_model_dir)))

@@ -1,0 +1,113 @@
+"""Every YAML composes against its schema; wrong types, unknown keys and bad values fail with the key named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from gemma_ft.config import GROUP_SCHEMAS, Config
+from gemma_ft.errors import ConfigError
+from gemma_ft.validation import validate
+from tests.conftest import CONF_DIR, compose_config, typed_config
+
+ALL_YAML = sorted(CONF_DIR.rglob("*.yaml"))
+GROUP_FILES = [p for p in ALL_YAML if p.parent != CONF_DIR]
+
+
+def test_every_yaml_is_found():
+    assert len(ALL_YAML) == 15  # conf/config.yaml + 14 group files: update when adding one
+    assert {p.parent.name for p in GROUP_FILES} == set(GROUP_SCHEMAS)
+
+
+@pytest.mark.parametrize("path", GROUP_FILES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_yaml_composes_and_validates(path: Path):
+    cfg = typed_config([f"{path.parent.name}={path.stem}"])
+    assert isinstance(cfg, Config)
+    validate(cfg)
+
+
+@pytest.mark.parametrize("path", GROUP_FILES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_yaml_extends_its_schema(path: Path):
+    # Either the schema itself or a sibling YAML that does.
+    from omegaconf import OmegaConf
+
+    parents = OmegaConf.load(path).get("defaults", [])
+    assert parents and parents[-1] == "_self_"
+    first = parents[0]
+    assert first == f"{path.parent.name}_schema" or (path.parent / f"{first}.yaml").exists()
+
+
+def test_defaults_match_the_seed_notebook():
+    cfg = typed_config()
+    assert cfg.optim.weight_decay == 0.001
+    assert cfg.train.save_steps == 500 and cfg.train.save_total_limit == 5
+    assert (cfg.data.columns.system, cfg.data.columns.user, cfg.data.columns.assistant) == (
+        "task", "input", "expected_output")
+    assert cfg.model.name_or_path == "builtin:gemma3-270m"
+    assert cfg.debug.example_index == 100
+
+
+def test_public_keys_override():
+    cfg = typed_config([
+        "optim.weight_decay=0.01", "optim.lr=1e-4", "train.max_steps=10", "train.save_steps=7",
+        "train.save_total_limit=2", "train.max_seq_length=256", "data.path=data.csv", "data.columns.system=null",
+        "data.system_prompt=Be brief.", "data.val_size=0.2", "debug.verbose=true", "debug.show_examples=true",
+        "debug.example_index=3", "model.name_or_path=/models/x",
+    ])
+    assert cfg.optim.weight_decay == 0.01 and cfg.optim.lr == 1e-4 and cfg.train.max_steps == 10
+    assert cfg.data.columns.system is None and cfg.data.system_prompt == "Be brief."
+    assert cfg.debug.verbose and cfg.debug.show_examples and cfg.debug.example_index == 3
+
+
+def test_unknown_key_fails_at_composition_and_names_it():
+    with pytest.raises(ConfigCompositionException, match="weight_deacy"):
+        compose_config(["optim.weight_deacy=0.01"])
+
+
+def test_wrong_type_fails_at_composition_and_names_it():
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_config(["train.max_steps=ten"])
+    assert "max_steps" in str(info.value.__cause__ or info.value)
+
+
+def test_unknown_key_in_a_yaml_fails(tmp_path):
+    # A YAML that extends the schema cannot carry a key the schema lacks.
+    from omegaconf import OmegaConf
+
+    from gemma_ft.config import OptimConfig
+
+    schema = OmegaConf.structured(OptimConfig)
+    with pytest.raises((ConfigKeyError, ValidationError)):
+        OmegaConf.merge(schema, {"weight_decayy": 0.1})
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.lr=0", "optim.lr"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay"),
+    ("lora.r=0", "lora.r"),
+    ("lora.dropout=1.0", "lora.dropout"),
+    ("train.max_steps=0", "train.max_steps"),
+    ("train.max_steps=-2", "train.max_steps"),
+    ("train.max_seq_length=8", "train.max_seq_length"),
+    ("data.val_size=0", "data.val_size"),
+    ("data.on_bad_rows=ignore", "data.on_bad_rows"),
+    ("train.report_to=comet", "train.report_to"),
+])
+def test_out_of_range_values_are_named(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(typed_config([override]))
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(ConfigError) as info:
+        validate(typed_config(["optim.lr=0", "lora.r=0", "train.max_steps=0"]))
+    message = str(info.value)
+    assert "optim.lr" in message and "lora.r" in message and "train.max_steps" in message
+
+
+def test_four_bit_full_finetuning_is_refused():
+    with pytest.raises(ConfigError, match="load_in_4bit"):
+        validate(typed_config(["model.load_in_4bit=true", "model.full_finetuning=true"]))
