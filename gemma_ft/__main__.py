@@ -1,8 +1,11 @@
-"""`python -m gemma_ft [overrides]`: a thin Hydra entry point around gemma_ft.pipeline.run."""
+"""`python -m gemma_ft [overrides]`: a thin Hydra entry point around gemma_ft.pipeline.run.
+
+A user's mistake (wrong key, value, CSV, ...) ends with one line on stderr and exit status 2; set
+debug.traceback=true to see the traceback instead.
+"""
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import hydra
@@ -12,8 +15,12 @@ from omegaconf import DictConfig
 from gemma_ft.config import register_configs
 from gemma_ft.errors import UserError
 
-log = logging.getLogger("gemma_ft")
-register_configs()
+USER_ERROR_EXIT = 2
+
+
+def fail(message: str) -> None:
+    print(f"gemma_ft: error: {message}", file=sys.stderr)
+    sys.exit(USER_ERROR_EXIT)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -25,11 +32,20 @@ def main(cfg: DictConfig) -> float:
     except UserError as exc:
         if cfg.debug.traceback:
             raise
-        log.error("error: %s", exc)
-        print(f"gemma_ft: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(exc))
     return metrics["eval_loss"]
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    from gemma_ft.cli_checks import check_overrides
+
+    register_configs()
+    try:
+        check_overrides(sys.argv[1:])
+    except UserError as exc:
+        fail(str(exc))
     main()
+
+
+if __name__ == "__main__":
+    cli()

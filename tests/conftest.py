@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import unsloth  # noqa: F401, I001  (unsloth patches transformers, trl and peft: import it first, as the runner does)
+
 import csv
 from pathlib import Path
 
@@ -61,8 +63,6 @@ def tiny_model_dir() -> Path:
 @pytest.fixture(scope="session")
 def gemma_tokenizer(tiny_model_dir):
     """The real Gemma 3 tokenizer with the chat template applied, as the runner prepares it."""
-    import unsloth  # noqa: F401  (patches transformers first, as in the runner)
-
     from gemma_ft.chat_template import apply_gemma3_template
     from gemma_ft.models.loading import load_tokenizer
 

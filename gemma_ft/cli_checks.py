@@ -1,0 +1,81 @@
+"""Checks of the command line that run before Hydra, so a typo costs one clear line and exit status 2.
+
+Hydra's own messages for a wrong key span several lines and exit with status 1; here a wrong key gets the
+closest valid key, a wrong group option the list of options, and a wrong value the schema's complaint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from pathlib import Path
+
+from gemma_ft.config import Config, GROUP_SCHEMAS
+from gemma_ft.errors import ConfigError
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def schema_keys(schema=Config, prefix: str = "") -> set[str]:
+    """Every dotted key of the typed config, e.g. "optim.weight_decay", "data.columns.user"."""
+    keys = set()
+    for name, kind in typing.get_type_hints(schema).items():
+        keys.add(prefix + name)
+        if dataclasses.is_dataclass(kind):
+            keys |= schema_keys(kind, f"{prefix}{name}.")
+    return keys
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def check_overrides(args: list[str]) -> None:
+    """Raise ConfigError (one line) for the first wrong key, group option or value among the overrides."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = [a for a in args if "=" in a and not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as exc:  # Hydra's grammar errors
+        raise ConfigError(f"cannot parse the overrides: {str(exc).splitlines()[0]}") from None
+    keys = schema_keys()
+    sweeping = False
+    for override in parsed:
+        key = override.key_or_group
+        if key.startswith("hydra") or override.is_add() or override.is_force_add() or override.is_delete():
+            continue
+        sweeping |= override.is_sweep_override()
+        if key in GROUP_SCHEMAS:
+            options = group_options(key)
+            values = [override.value()] if not override.is_sweep_override() else list(override.sweep_iterator())
+            for value in values:
+                if str(value) not in options:
+                    raise ConfigError(f"{key}={value} is not an option of group {key!r}; choose one of {options}")
+        elif key not in keys:
+            close = difflib.get_close_matches(key, sorted(keys), n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]}?" if close else "run `python -m gemma_ft --cfg job` to list the keys"
+            raise ConfigError(f"unknown config key {key!r}; {hint}")
+    if not sweeping:
+        _check_values(overrides)
+
+
+def _check_values(overrides: list[str]) -> None:
+    """Compose and validate the single run's config: wrong types and cross-field problems, all at once."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
+
+    from gemma_ft.config import register_configs, to_typed
+    from gemma_ft.validation import validate
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        try:
+            cfg = compose(config_name="config", overrides=overrides)
+        except ConfigCompositionException as exc:
+            cause = exc.__cause__ or exc
+            lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+            where = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("full_key:")), "")
+            raise ConfigError(f"{where + ': ' if where else ''}{lines[0] if lines else cause}") from None
+    validate(to_typed(cfg))

@@ -1,0 +1,48 @@
+"""`python -m gemma_ft` as a user runs it: mistakes give one line and exit status 2; a run finishes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY, chess_rows, write_csv
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def gemma_ft(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, "-m", "gemma_ft", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["optim.weight_deacy=0.01"], "did you mean optim.weight_decay?"),
+    (["model=tinyy"], "choose one of"),
+    (["train.max_steps=ten"], "train.max_steps"),
+    (["optim.lr=0", "lora.r=0"], "lora.r=0 must be > 0"),
+    (["data.path=missing.csv"], "does not exist"),
+])
+def test_user_mistakes_exit_2_with_one_line(tmp_path, args, expected):
+    result = gemma_ft(*args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("gemma_ft: error:")]
+    assert len(lines) == 1 and expected in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("metrics.json"))
+
+
+def test_cli_run_with_relative_data_path_and_override(tmp_path):
+    write_csv(tmp_path / "data.csv", chess_rows(12))
+    result = gemma_ft(*TINY, "data.path=data.csv", "data.val_size=2", "optim.weight_decay=0.01", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [metrics_file] = (tmp_path / "outputs").rglob("metrics.json")
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["weight_decay"] == 0.01
+    run_dir = metrics_file.parent
+    assert (run_dir / ".hydra" / "config.yaml").exists() and (run_dir / "adapter" / "adapter_config.json").exists()

@@ -1,0 +1,115 @@
+"""The trainer built from the config: response-only labels, weight decay in the optimizer, LoRA-only updates,
+and a whole tiny-model run through `run(cfg)`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gemma_ft.pipeline import prepare, run
+from gemma_ft.training import IGNORE_INDEX
+from tests.conftest import TINY, chess_rows, typed_config, write_csv
+
+CONVERSATIONS = [
+    ["Answer in one word.", "Which piece moves in Nf3?", "knight"],
+    ["Réponds en français.", "Quelle est la capitale ?", "Paris, évidemment — 巴黎 🎉"],
+    ["Be helpful.", "List two squares.", "e4\nd5, with a comma"],
+    ["Be terse.", "Say it twice.", "again again again"],
+]
+
+
+def trained_text(tokenizer, row) -> str:
+    return tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"]) if label != IGNORE_INDEX])
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    path = write_csv(tmp_path_factory.mktemp("data") / "conv.csv", CONVERSATIONS * 3)
+    return prepare(typed_config([*TINY, f"data.path={path}", "data.val_size=4"]),
+                   run_dir=tmp_path_factory.mktemp("run"))
+
+
+def test_labels_are_exactly_the_assistant_replies(prepared):
+    tokenizer = prepared.tokenizer
+    for dataset, conversations in ((prepared.trainer.train_dataset, prepared.split.train),
+                                   (prepared.trainer.eval_dataset, prepared.split.validation)):
+        assert len(dataset) == len(conversations)
+        for row, conversation in zip(dataset, conversations):
+            assert trained_text(tokenizer, row) == conversation.assistant + "<end_of_turn>\n"
+            # Every label that trains is the input token itself (labels are not shifted here).
+            assert all(label in (IGNORE_INDEX, tok) for tok, label in zip(row["input_ids"], row["labels"]))
+            assert row["input_ids"][:2] == [tokenizer.bos_token_id, 105]  # one BOS, then the first turn
+
+
+def test_reply_cut_off_by_max_seq_length_is_dropped_and_counted(tmp_path):
+    rows = chess_rows(8)
+    rows[2][0] = "a very long system prompt " * 40
+    path = write_csv(tmp_path / "long.csv", rows)
+    p = prepare(typed_config([*TINY, f"data.path={path}", "data.val_size=1", "data.split_seed=5",
+                              "train.max_seq_length=64"]), run_dir=tmp_path / "run")
+    assert sum(p.rows_dropped_too_long.values()) == 1
+    assert len(p.trainer.train_dataset) + len(p.trainer.eval_dataset) == 7
+    for row in p.trainer.train_dataset:
+        assert any(label != IGNORE_INDEX for label in row["labels"])
+
+
+@pytest.mark.parametrize("overrides, expected", [([], 0.001), (["optim.weight_decay=0.01"], 0.01)])
+def test_weight_decay_reaches_the_optimizer(tmp_path, overrides, expected):
+    path = write_csv(tmp_path / "d.csv", chess_rows(6))
+    p = prepare(typed_config([*TINY, f"data.path={path}", "data.val_size=2", *overrides]), run_dir=tmp_path / "r")
+    optimizer = p.trainer.create_optimizer()
+    decays = {group["weight_decay"] for group in optimizer.param_groups if group["params"]}
+    # HF groups decayed weights apart from biases/norms (always 0); the decayed group carries the config's value.
+    assert expected in decays and decays <= {expected, 0.0}
+    decayed = [g for g in optimizer.param_groups if g["weight_decay"] == expected]
+    assert sum(p.numel() for g in decayed for p in g["params"]) > 0
+
+
+def test_lora_weights_change_and_base_weights_do_not(prepared):
+    model = prepared.model
+    before = {name: param.detach().clone() for name, param in model.named_parameters()}
+    prepared.trainer.train()
+    changed_trainable, changed_frozen = [], []
+    for name, param in model.named_parameters():
+        if not torch.equal(before[name], param.detach()):
+            (changed_trainable if param.requires_grad else changed_frozen).append(name)
+    assert not changed_frozen
+    assert any("lora_B" in name for name in changed_trainable)
+    assert any("lm_head" in name or "modules_to_save" in name for name in changed_trainable)
+    assert all(("lora_" in n or "modules_to_save" in n) for n in changed_trainable)
+
+
+def test_tiny_run_writes_adapter_metrics_and_samples(tmp_path, tiny_model_dir, capsys):
+    path = write_csv(tmp_path / "d.csv", chess_rows(20))
+    run_dir = tmp_path / "run"
+    metrics = run(typed_config([*TINY, f"data.path={path}", "data.val_size=4", "train.save_steps=2",
+                                "train.save_total_limit=1", "debug.verbose=true", "debug.show_examples=true",
+                                "debug.example_index=100000"]), run_dir=run_dir)
+    out = capsys.readouterr().out
+    for heading in ("=== Dataset Example ===", "=== Formatted Text ===", "=== Tokenized Input ===",
+                    "=== Masked Labels (only assistant responses) ==="):
+        assert heading in out
+    assert "Peak process memory (RSS)" in out and "seconds used for training" in out
+
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(metrics))
+    for key in ("train_loss", "eval_loss", "weight_decay", "max_steps", "runtime_s", "peak_memory_gib", "device",
+                "exact_match_before", "exact_match_after"):
+        assert key in saved
+    assert saved["device"] == "cpu" and saved["max_steps"] == 4 and saved["weight_decay"] == 0.001
+    assert saved["eval_loss"] > 0 and saved["train_loss"] > 0
+    samples = json.loads((run_dir / "samples.json").read_text())
+    assert len(samples) == 2 and {"prompt", "expected", "generated_after"} <= set(samples[0])
+    # save_steps=2 over 4 steps with save_total_limit=1 keeps only the newest checkpoint, inside the run dir.
+    assert [p.name for p in (run_dir / "checkpoints").glob("checkpoint-*")] == ["checkpoint-4"]
+
+    # Plain peft loads the adapter on the same base, and it differs from the base model.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    tuned = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
+    lora_b = [p for n, p in tuned.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)
