@@ -12,10 +12,13 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from gemma_ft.cli_checks import CONF_DIR
 from gemma_ft.config import register_configs
 from gemma_ft.errors import UserError
 
 USER_ERROR_EXIT = 2
+# The shell's convention for a process stopped by a signal: 128 + signal number.
+INTERRUPTED_EXIT = {"SIGINT": 130, "SIGTERM": 143}
 
 
 def fail(message: str) -> None:
@@ -23,16 +26,19 @@ def fail(message: str) -> None:
     sys.exit(USER_ERROR_EXIT)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float:
-    from gemma_ft.pipeline import run
+    from gemma_ft.pipeline import RunInterrupted, run
 
     try:
-        metrics = run(cfg, run_dir=cfg.run.dir or HydraConfig.get().runtime.output_dir)
+        metrics = run(cfg, run_dir=HydraConfig.get().runtime.output_dir)
     except UserError as exc:
         if cfg.debug.traceback:
             raise
         fail(str(exc))
+    except RunInterrupted as exc:
+        print(f"gemma_ft: {exc}", file=sys.stderr)
+        sys.exit(INTERRUPTED_EXIT[exc.signal_name])
     return metrics["eval_loss"]
 
 

@@ -78,4 +78,10 @@ def _check_values(overrides: list[str]) -> None:
             lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
             where = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("full_key:")), "")
             raise ConfigError(f"{where + ': ' if where else ''}{lines[0] if lines else cause}") from None
-    validate(to_typed(cfg))
+    typed = to_typed(cfg)
+    validate(typed)
+    if typed.run.name or typed.run.dir:
+        # Before Hydra writes its files into the run dir: a finished run must not be touched at all.
+        from gemma_ft.run_dir import plan_run
+
+        plan_run(typed.run, Path(typed.run.dir or f"outputs/{typed.run.name}").resolve())

@@ -107,8 +107,14 @@ class DebugConfig:
 
 @dataclass
 class RunConfig:
-    # Run directory; null: Hydra's run dir.
+    # A stable name gives the run dir outputs/<name>, so re-running the same command resumes it.
+    name: Optional[str] = None
+    # An explicit run directory (overrides name and Hydra's dir).
     dir: Optional[str] = None
+    # auto: continue from the newest complete checkpoint in the run dir; never: start fresh; or a checkpoint path.
+    resume: str = "auto"
+    # Replace a finished run's adapter and metrics (otherwise a finished run is never overwritten).
+    overwrite: bool = False
 
 
 @dataclass
@@ -133,7 +139,9 @@ GROUP_SCHEMAS = {
 
 
 def register_configs() -> None:
-    """Register the schemas; idempotent, so tests and the CLI can both call it."""
+    """Register the schemas and resolvers; idempotent, so tests and the CLI can both call it."""
+    # conf/config.yaml names the run dir outputs/<run.name> when a name is given, else by date and time.
+    OmegaConf.register_new_resolver("named_or", lambda name, default: name or default, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     for group, schema in GROUP_SCHEMAS.items():

@@ -15,6 +15,7 @@ from typing import Any
 
 from gemma_ft.config import Config, to_typed
 from gemma_ft.data.conversations import Split, load_conversations, split_conversations
+from gemma_ft.run_dir import check_writable, checkpoint_dir, plan_run
 from gemma_ft.validation import validate
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,16 @@ class Prepared:
     model: Any
     trainer: Any
     rows_dropped_too_long: dict
+    resume_from: Path | None
+    stop_on_signal: Any  # gemma_ft.callbacks.StopOnSignal
+
+
+class RunInterrupted(Exception):
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint; the message says how to resume."""
+
+    def __init__(self, message: str, signal_name: str):
+        super().__init__(message)
+        self.signal_name = signal_name
 
 
 def prepare(cfg: Any, run_dir: str | Path | None = None) -> Prepared:
@@ -42,19 +53,24 @@ def prepare(cfg: Any, run_dir: str | Path | None = None) -> Prepared:
     conversations = load_conversations(cfg.data)
     split = split_conversations(conversations, cfg.data.val_size, cfg.data.split_seed)
     log.info("Data: %d rows -> %d train, %d validation", len(conversations), len(split.train), len(split.validation))
-    run_dir = Path(run_dir or cfg.run.dir or "outputs/run").resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(run_dir or cfg.run.dir or f"outputs/{cfg.run.name or 'run'}").resolve()
+    plan = plan_run(cfg.run, run_dir)
+    check_writable(run_dir, needed_bytes=0)
 
     # unsloth must be imported before transformers, trl and peft: it patches them.
     import unsloth  # noqa: F401
 
     import datasets
 
+    from gemma_ft.callbacks import LogEveryFinalStep, MarkCheckpointComplete, StopOnSignal
     from gemma_ft.chat_template import apply_gemma3_template
     from gemma_ft.models.loading import add_lora_adapters, load_model, load_tokenizer, resolve_model_path
     from gemma_ft.training import build_trainer, mask_to_responses, tokenize_conversations
 
     model_path = resolve_model_path(cfg.model.name_or_path)
+    check_writable(run_dir, needed_bytes=checkpoint_size_estimate(cfg, model_path))
+    if cfg.run.overwrite and plan.resume_from is None:
+        shutil.rmtree(checkpoint_dir(run_dir), ignore_errors=True)
     # The template is set and checked before anything renders text, so a wrong template cannot train silently.
     tokenizer = apply_gemma3_template(load_tokenizer(model_path))
     model = load_model(cfg.model, model_path, cfg.train.max_seq_length)
@@ -64,9 +80,11 @@ def prepare(cfg: Any, run_dir: str | Path | None = None) -> Prepared:
     datasets.disable_caching()
     train_dataset = tokenize_conversations(tokenizer, split.train)
     eval_dataset = tokenize_conversations(tokenizer, split.validation)
-    trainer = build_trainer(model, tokenizer, train_dataset, eval_dataset, cfg, run_dir / "checkpoints")
+    stop_on_signal = StopOnSignal()
+    callbacks = [MarkCheckpointComplete(), LogEveryFinalStep(), stop_on_signal]
+    trainer = build_trainer(model, tokenizer, train_dataset, eval_dataset, cfg, checkpoint_dir(run_dir), callbacks)
     dropped = mask_to_responses(trainer)
-    return Prepared(cfg, run_dir, split, tokenizer, model, trainer, dropped)
+    return Prepared(cfg, run_dir, split, tokenizer, model, trainer, dropped, plan.resume_from, stop_on_signal)
 
 
 def run(cfg: Any, run_dir: str | Path | None = None) -> dict:
@@ -85,13 +103,19 @@ def run(cfg: Any, run_dir: str | Path | None = None) -> dict:
 
     memory = MemoryStats(cfg.debug.verbose)
     memory.start()
-    train_output = trainer.train()
+    trainer.train(resume_from_checkpoint=str(p.resume_from) if p.resume_from else None)
     resources = memory.finish()
+    if p.stop_on_signal.received:
+        raise RunInterrupted(
+            f"{p.stop_on_signal.received}: stopped at step {trainer.state.global_step} with a checkpoint saved in "
+            f"{checkpoint_dir(p.run_dir)}; resume by running the same command with run.dir={p.run_dir}",
+            p.stop_on_signal.received,
+        )
     eval_metrics = trainer.evaluate()
 
     replies_after = generate_replies(model, tokenizer, em_rows, cfg.train.max_new_tokens)
     metrics = {
-        "train_loss": train_output.training_loss,
+        "train_loss": mean_training_loss(trainer.state.log_history),
         "eval_loss": eval_metrics["eval_loss"],
         "weight_decay": cfg.optim.weight_decay,
         "learning_rate": cfg.optim.lr,
@@ -109,6 +133,31 @@ def run(cfg: Any, run_dir: str | Path | None = None) -> dict:
     log.info("Done: eval_loss=%.4f, exact match %.3f -> %.3f; outputs in %s", metrics["eval_loss"],
              metrics["exact_match_before"], metrics["exact_match_after"], p.run_dir)
     return metrics
+
+
+def mean_training_loss(log_history: list[dict]) -> float:
+    """The mean loss over every step of the run, from the logged windows (which a resumed run carries over).
+
+    The trainer's own train_loss after a resume divides the loss of the resumed steps by all steps.
+    """
+    total, previous_step = 0.0, 0
+    for entry in log_history:
+        if "loss" in entry:
+            total += entry["loss"] * (entry["step"] - previous_step)
+            previous_step = entry["step"]
+    return total / previous_step if previous_step else float("nan")
+
+
+def checkpoint_size_estimate(cfg: Config, model_path: str) -> int:
+    """Rough bytes of one checkpoint: adapter plus optimizer state, or whole weights when they train."""
+    weights = sum(f.stat().st_size for f in Path(model_path).glob("*.safetensors")) if Path(model_path).is_dir() else 0
+    if cfg.model.full_finetuning:
+        factor = 6.0  # fp32 weights + two Adam moments, from bf16 files
+    elif cfg.lora.train_lm_head or cfg.lora.train_embeddings:
+        factor = 4.0
+    else:
+        factor = 0.1
+    return int(weights * factor) + 64 * 2**20
 
 
 def save_outputs(run_dir: Path, model, tokenizer, metrics: dict, rows, replies_before, replies_after) -> None:

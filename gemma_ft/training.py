@@ -26,7 +26,7 @@ def tokenize_conversations(tokenizer, conversations):
     return Dataset.from_dict({"input_ids": tokenizer(texts).input_ids})
 
 
-def build_trainer(model, tokenizer, train_dataset, eval_dataset, cfg: Config, checkpoint_dir: Path):
+def build_trainer(model, tokenizer, train_dataset, eval_dataset, cfg: Config, checkpoint_dir: Path, callbacks=()):
     from trl import SFTConfig, SFTTrainer
 
     t, o = cfg.train, cfg.optim
@@ -63,6 +63,7 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset, cfg: Config, ch
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         args=args,
+        callbacks=list(callbacks),
     )
 
 

@@ -1,0 +1,63 @@
+"""Runs `python -m gemma_ft <overrides>` and interrupts it at a chosen training step, as a crash would.
+
+    python -m tests.helpers.interrupted_cli MODE STEP [overrides...]
+
+MODE: sigkill-after-save  SIGKILL once checkpoint-STEP is completely written
+      sigkill-during-save SIGKILL while checkpoint-STEP is being written (weights saved, trainer state not yet)
+      sigint / sigterm    send that signal to itself at the end of step STEP
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import unsloth  # noqa: F401, I001
+
+from transformers import Trainer, TrainerCallback
+
+import gemma_ft.training as training
+
+
+class Interrupt(TrainerCallback):
+    def __init__(self, mode: str, step: int):
+        self.mode, self.step = mode, step
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.mode == "sigkill-after-save" and state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.mode in ("sigint", "sigterm") and state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGINT if self.mode == "sigint" else signal.SIGTERM)
+
+
+def main() -> None:
+    mode, step, overrides = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    build_trainer = training.build_trainer
+
+    def build_with_interrupt(*args, **kwargs):
+        trainer = build_trainer(*args, **kwargs)
+        trainer.add_callback(Interrupt(mode, step))  # after gemma_ft's callbacks: the marker is written first
+        return trainer
+
+    training.build_trainer = build_with_interrupt
+    if mode == "sigkill-during-save":
+        save_rng_state = Trainer._save_rng_state
+
+        def killed_mid_save(self, output_dir):
+            if self.state.global_step == step:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return save_rng_state(self, output_dir)
+
+        Trainer._save_rng_state = killed_mid_save
+
+    from gemma_ft.__main__ import cli
+
+    sys.argv = ["gemma_ft", *overrides]
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Crash safety: a killed run resumes to the same losses and weights; half-written checkpoints are skipped;
+Ctrl-C/SIGTERM save and stop; a finished run is never overwritten."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gemma_ft.pipeline import run
+from tests.conftest import TINY, chess_rows, typed_config, write_csv
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 6
+
+
+def overrides(data: Path, name: str) -> list[str]:
+    return [*TINY, f"data.path={data}", "data.val_size=4", f"train.max_steps={STEPS}", "train.save_steps=2",
+            "train.exact_match_rows=0", f"run.name={name}"]
+
+
+def cli(cwd: Path, *args: str, interrupt: tuple[str, int] | None = None) -> subprocess.CompletedProcess:
+    module = ["-m", "tests.helpers.interrupted_cli", interrupt[0], str(interrupt[1])] if interrupt else ["-m", "gemma_ft"]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.run([sys.executable, *module, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def resume_in_process(args: list[str], run_dir: Path, caplog) -> str:
+    """The same command again (in this process, to save a start-up): returns the log."""
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        run(typed_config(args), run_dir=run_dir)
+    return caplog.text
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    state = json.loads((run_dir / "checkpoints" / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())
+    return {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
+
+
+def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("resume")
+    write_csv(path / "data.csv", chess_rows(24))
+    return path
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(workdir):
+    result = cli(workdir, *overrides(workdir / "data.csv", "straight"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return workdir / "outputs" / "straight"
+
+
+def assert_same_run(resumed: Path, reference: Path) -> None:
+    expected, got = step_losses(reference), step_losses(resumed)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert got == pytest.approx(expected, abs=1e-4)
+    metrics, reference_metrics = (json.loads((d / "metrics.json").read_text()) for d in (resumed, reference))
+    assert metrics["eval_loss"] == pytest.approx(reference_metrics["eval_loss"], abs=1e-4)
+    # The true mean over all six steps, not the resumed steps' loss divided by six.
+    assert metrics["train_loss"] == pytest.approx(reference_metrics["train_loss"], abs=1e-4)
+    assert metrics["train_loss"] == pytest.approx(sum(expected.values()) / STEPS, abs=1e-4)
+    weights, reference_weights = adapter(resumed), adapter(reference)
+    assert weights.keys() == reference_weights.keys()
+    for key in weights:
+        torch.testing.assert_close(weights[key], reference_weights[key], atol=1e-4, rtol=0)
+
+
+def test_killed_after_a_checkpoint_resumes_to_the_same_result(workdir, uninterrupted, caplog):
+    args = overrides(workdir / "data.csv", "killed")
+    killed = cli(workdir, *args, interrupt=("sigkill-after-save", 4))
+    assert killed.returncode == -9
+    run_dir = workdir / "outputs" / "killed"
+    assert not (run_dir / "metrics.json").exists()
+    log = resume_in_process(args, run_dir, caplog)
+    assert "Resuming from" in log and "checkpoint-4" in log
+    assert_same_run(run_dir, uninterrupted)
+
+
+def test_checkpoint_cut_short_by_a_kill_is_skipped(workdir, uninterrupted, caplog):
+    args = overrides(workdir / "data.csv", "midsave")
+    killed = cli(workdir, *args, interrupt=("sigkill-during-save", 4))
+    assert killed.returncode == -9
+    half_written = workdir / "outputs" / "midsave" / "checkpoints" / "checkpoint-4"
+    assert half_written.is_dir() and not (half_written / "trainer_state.json").exists()
+    log = resume_in_process(args, workdir / "outputs" / "midsave", caplog)
+    assert "Skipping" in log and "checkpoint-4" in log and "Resuming from" in log and "checkpoint-2" in log
+    assert_same_run(workdir / "outputs" / "midsave", uninterrupted)
+
+
+@pytest.mark.parametrize("mode, code", [("sigint", 130), ("sigterm", 143)])
+def test_signal_saves_a_checkpoint_and_says_how_to_resume(workdir, uninterrupted, mode, code, caplog):
+    args = overrides(workdir / "data.csv", mode)
+    stopped = cli(workdir, *args, interrupt=(mode, 3))
+    assert stopped.returncode == code, stopped.stderr[-2000:]
+    assert "Traceback" not in stopped.stderr
+    run_dir = workdir / "outputs" / mode
+    # The signal arrives during step 3; the step in progress finishes, then the checkpoint is written.
+    [saved] = [p for p in (run_dir / "checkpoints").glob("checkpoint-*") if p.name != "checkpoint-2"]
+    assert saved.name in ("checkpoint-3", "checkpoint-4") and (saved / "gemma_ft_complete").exists()
+    assert "resume" in stopped.stderr and str(run_dir) in stopped.stderr
+    assert not (run_dir / "metrics.json").exists()
+    resume_in_process([*args, f"run.dir={run_dir}"], run_dir, caplog)
+    assert_same_run(run_dir, uninterrupted)
+
+
+def test_finished_run_is_not_overwritten(workdir, uninterrupted):
+    before = {p: p.read_bytes() for p in [uninterrupted / "metrics.json", uninterrupted / ".hydra" / "config.yaml"]}
+    again = cli(workdir, *overrides(workdir / "data.csv", "straight"))
+    assert again.returncode == 2 and "run.overwrite=true" in again.stderr
+    assert {p: p.read_bytes() for p in before} == before
