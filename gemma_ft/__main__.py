@@ -1,15 +1,19 @@
 """`python -m gemma_ft [overrides]`: a thin Hydra entry point around gemma_ft.pipeline.run.
 
 A user's mistake (wrong key, value, CSV, ...) ends with one line on stderr and exit status 2; set
-debug.traceback=true to see the traceback instead.
+debug.traceback=true to see the traceback instead. In a sweep (-m) a failing job is recorded in its
+status.json and the sweep goes on; the summary marks it and the exit status is 1.
 """
 
 from __future__ import annotations
 
+import math
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from gemma_ft.cli_checks import CONF_DIR
@@ -29,9 +33,23 @@ def fail(message: str) -> None:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float:
     from gemma_ft.pipeline import RunInterrupted, run
+    from gemma_ft.sweep import write_status
 
+    hydra_cfg = HydraConfig.get()
+    job_dir = Path(hydra_cfg.runtime.output_dir)
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        # One job's failure must not stop the others: record it, return NaN (Optuna counts it as failed).
+        try:
+            metrics = run(cfg, run_dir=job_dir)
+        except Exception as exc:
+            first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
+            write_status(job_dir, "failed", f"{type(exc).__name__}: {first_line}")
+            print(f"gemma_ft: job {hydra_cfg.job.num} failed: {first_line}", file=sys.stderr)
+            return math.nan
+        write_status(job_dir, "ok")
+        return metrics["eval_loss"]
     try:
-        metrics = run(cfg, run_dir=HydraConfig.get().runtime.output_dir)
+        metrics = run(cfg, run_dir=job_dir)
     except UserError as exc:
         if cfg.debug.traceback:
             raise

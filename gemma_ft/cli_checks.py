@@ -11,7 +11,7 @@ import difflib
 import typing
 from pathlib import Path
 
-from gemma_ft.config import Config, GROUP_SCHEMAS
+from gemma_ft.config import Config
 from gemma_ft.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -47,7 +47,7 @@ def check_overrides(args: list[str]) -> None:
         if key.startswith("hydra") or override.is_add() or override.is_force_add() or override.is_delete():
             continue
         sweeping |= override.is_sweep_override()
-        if key in GROUP_SCHEMAS:
+        if (CONF_DIR / key).is_dir():
             options = group_options(key)
             values = [override.value()] if not override.is_sweep_override() else list(override.sweep_iterator())
             for value in values:

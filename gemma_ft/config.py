@@ -86,7 +86,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     max_seq_length: int = 512
     logging_steps: int = 5
-    eval_steps: int = 0  # 0: evaluate only at the end
+    eval_steps: int = 20  # 0: evaluate only at the end
     save_steps: int = 500
     save_total_limit: int = 5
     seed: int = 3407

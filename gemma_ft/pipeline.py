@@ -15,6 +15,7 @@ from typing import Any
 
 from gemma_ft.config import Config, to_typed
 from gemma_ft.data.conversations import Split, load_conversations, split_conversations
+from gemma_ft.plots import plot_run_losses
 from gemma_ft.run_dir import check_writable, checkpoint_dir, plan_run
 from gemma_ft.validation import validate
 
@@ -111,12 +112,12 @@ def run(cfg: Any, run_dir: str | Path | None = None) -> dict:
             f"{checkpoint_dir(p.run_dir)}; resume by running the same command with run.dir={p.run_dir}",
             p.stop_on_signal.received,
         )
-    eval_metrics = trainer.evaluate()
+    eval_loss = final_eval_loss(trainer)
 
     replies_after = generate_replies(model, tokenizer, em_rows, cfg.train.max_new_tokens)
     metrics = {
         "train_loss": mean_training_loss(trainer.state.log_history),
-        "eval_loss": eval_metrics["eval_loss"],
+        "eval_loss": eval_loss,
         "weight_decay": cfg.optim.weight_decay,
         "learning_rate": cfg.optim.lr,
         "max_steps": cfg.train.max_steps,
@@ -129,10 +130,19 @@ def run(cfg: Any, run_dir: str | Path | None = None) -> dict:
         "eval_rows": len(trainer.eval_dataset),
         "rows_dropped_too_long": p.rows_dropped_too_long,
     }
-    save_outputs(p.run_dir, model, tokenizer, metrics, em_rows, replies_before, replies_after)
+    save_outputs(p.run_dir, model, tokenizer, metrics, trainer.state.log_history, em_rows, replies_before,
+                 replies_after)
     log.info("Done: eval_loss=%.4f, exact match %.3f -> %.3f; outputs in %s", metrics["eval_loss"],
              metrics["exact_match_before"], metrics["exact_match_after"], p.run_dir)
     return metrics
+
+
+def final_eval_loss(trainer) -> float:
+    """The eval loss of the final weights: the one logged at the last step if there is one, else a new evaluation."""
+    last = [e for e in trainer.state.log_history if "eval_loss" in e]
+    if last and last[-1]["step"] == trainer.state.global_step:
+        return last[-1]["eval_loss"]
+    return trainer.evaluate()["eval_loss"]
 
 
 def mean_training_loss(log_history: list[dict]) -> float:
@@ -160,7 +170,8 @@ def checkpoint_size_estimate(cfg: Config, model_path: str) -> int:
     return int(weights * factor) + 64 * 2**20
 
 
-def save_outputs(run_dir: Path, model, tokenizer, metrics: dict, rows, replies_before, replies_after) -> None:
+def save_outputs(run_dir: Path, model, tokenizer, metrics: dict, log_history: list[dict], rows, replies_before,
+                 replies_after) -> None:
     """Adapter, samples and metrics; each written beside its final name and renamed, so none is half-written."""
     staging = run_dir / ".adapter.tmp"
     shutil.rmtree(staging, ignore_errors=True)
@@ -174,6 +185,9 @@ def save_outputs(run_dir: Path, model, tokenizer, metrics: dict, rows, replies_b
         for c, before, after in zip(rows, replies_before, replies_after)
     ]
     _write_json(run_dir / "samples.json", samples)
+    _write_json(run_dir / "history.json", log_history)
+    plot_run_losses(log_history, run_dir / "loss.png")
+    # Last: metrics.json (with the adapter) is what marks a run as finished.
     _write_json(run_dir / "metrics.json", metrics)
 
 

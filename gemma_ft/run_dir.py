@@ -82,13 +82,13 @@ def plan_run(cfg: RunConfig, run_dir: Path) -> RunPlan:
 
 def check_writable(run_dir: Path, needed_bytes: int) -> None:
     """Fail now, not after the first hour, if checkpoints cannot be written there."""
-    run_dir.mkdir(parents=True, exist_ok=True)
     probe = run_dir / f".write-test-{uuid.uuid4().hex}"
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as exc:
-        raise ConfigError(f"cannot write in the run directory {run_dir} ({exc.strerror}); "
+        raise ConfigError(f"cannot write in the run directory {run_dir} ({exc.strerror or exc}); "
                           "set run.dir to a writable place") from None
     free = shutil.disk_usage(run_dir).free
     if free < needed_bytes:

@@ -8,8 +8,11 @@ from gemma_ft.errors import ConfigError
 REPORT_TO = ("tensorboard", "wandb", "mlflow", "none")
 
 
-def problems(cfg: Config) -> list[str]:
+def problems(cfg: Config, has_cuda: bool | None = None) -> list[str]:
+    """Every problem with `cfg`; `has_cuda` (detected when None) decides the GPU-only settings."""
     found = []
+    if has_cuda is None:
+        has_cuda = _has_cuda()
 
     def require(ok: bool, message: str) -> None:
         if not ok:
@@ -48,11 +51,23 @@ def problems(cfg: Config) -> list[str]:
     require(not (cfg.model.load_in_4bit and cfg.model.full_finetuning),
             "model.load_in_4bit=true with model.full_finetuning=true: 4-bit weights cannot be fully fine-tuned; "
             "turn one off")
+    require(has_cuda or not cfg.model.load_in_4bit,
+            "model.load_in_4bit=true needs a CUDA GPU (bitsandbytes) and this machine has none; "
+            "set model.load_in_4bit=false (gemma_ft refuses rather than silently training in 16 bit)")
+    require(has_cuda or "8bit" not in cfg.optim.name,
+            f"optim.name={cfg.optim.name} needs a CUDA GPU (bitsandbytes) and this machine has none; "
+            "use optim=adamw (adamw_torch)")
     require(cfg.debug.example_index >= 0, f"debug.example_index={cfg.debug.example_index} must be >= 0")
     return found
 
 
-def validate(cfg: Config) -> None:
-    found = problems(cfg)
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def validate(cfg: Config, has_cuda: bool | None = None) -> None:
+    found = problems(cfg, has_cuda)
     if found:
         raise ConfigError("; ".join(found))

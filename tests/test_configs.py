@@ -14,19 +14,27 @@ from gemma_ft.validation import validate
 from tests.conftest import CONF_DIR, compose_config, typed_config
 
 ALL_YAML = sorted(CONF_DIR.rglob("*.yaml"))
-GROUP_FILES = [p for p in ALL_YAML if p.parent != CONF_DIR]
+# Sweep and launcher presets configure Hydra itself, not a schema group.
+HYDRA_FILES = [p for p in ALL_YAML if p.parent.name in ("hparams_search", "launcher")]
+GROUP_FILES = [p for p in ALL_YAML if p.parent != CONF_DIR and p not in HYDRA_FILES]
 
 
 def test_every_yaml_is_found():
-    assert len(ALL_YAML) == 15  # conf/config.yaml + 14 group files: update when adding one
+    assert len(ALL_YAML) == 17  # conf/config.yaml + 14 group files + 2 sweep presets: update when adding one
     assert {p.parent.name for p in GROUP_FILES} == set(GROUP_SCHEMAS)
+    assert len(HYDRA_FILES) == 2
+
+
+def test_sweep_presets_compose():
+    cfg = compose_config(["hparams_search=optuna_wd_lr"])
+    assert cfg.optim.weight_decay == 0.001  # the search space lives in hydra.sweeper, the defaults stay
 
 
 @pytest.mark.parametrize("path", GROUP_FILES, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_every_yaml_composes_and_validates(path: Path):
     cfg = typed_config([f"{path.parent.name}={path.stem}"])
     assert isinstance(cfg, Config)
-    validate(cfg)
+    validate(cfg, has_cuda=True)  # GPU-only options (4-bit, 8-bit optimizers) are valid where a GPU is
 
 
 @pytest.mark.parametrize("path", GROUP_FILES, ids=lambda p: f"{p.parent.name}/{p.stem}")
@@ -106,6 +114,14 @@ def test_every_problem_is_reported_at_once():
         validate(typed_config(["optim.lr=0", "lora.r=0", "train.max_steps=0"]))
     message = str(info.value)
     assert "optim.lr" in message and "lora.r" in message and "train.max_steps" in message
+
+
+@pytest.mark.parametrize("overrides, key", [(["model=gemma3_4b_it"], "model.load_in_4bit"),
+                                            (["optim=adamw_8bit"], "optim.name=adamw_8bit")])
+def test_gpu_only_options_are_refused_on_a_cpu(overrides, key):
+    validate(typed_config(overrides), has_cuda=True)
+    with pytest.raises(ConfigError, match=key + ".*needs a CUDA GPU"):
+        validate(typed_config(overrides), has_cuda=False)
 
 
 def test_four_bit_full_finetuning_is_refused():

@@ -50,19 +50,25 @@ def resolve_builtin(name_or_path: str) -> Path:
 
 
 def _cached(name: str, write: Callable[[Path], None]) -> Path:
+    from filelock import FileLock
+
     target = cache_dir() / name
     if (target / ".complete").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
-        write(staging)
-        (staging / ".complete").write_text("ok\n")
-        if target.exists():  # a stale, incomplete folder from an interrupted conversion
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    # One builder at a time (parallel sweep jobs, test workers); the others wait and then find it done.
+    with FileLock(str(target) + ".lock"):
+        if (target / ".complete").exists():
+            return target
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+        try:
+            write(staging)
+            (staging / ".complete").write_text("ok\n")
+            if target.exists():  # a stale, incomplete folder from an interrupted conversion
+                shutil.rmtree(target)
+            staging.rename(target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

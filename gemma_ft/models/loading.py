@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """A local folder for builtin and local models; hub ids pass through unchanged."""
+    """A local folder for every model: builtin ones are built, hub ones downloaded (or found in the hub cache)."""
     if is_builtin(name_or_path):
         return str(resolve_builtin(name_or_path))
     local = Path(name_or_path).expanduser()
@@ -25,7 +25,25 @@ def resolve_model_path(name_or_path: str) -> str:
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
         raise ConfigError(f"model.name_or_path={name_or_path!r} does not exist; point it at a local model folder, "
                           "a hub id such as unsloth/gemma-3-270m-it, or builtin:gemma3-270m")
-    return name_or_path
+    return _download(name_or_path)
+
+
+def _download(repo_id: str) -> str:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    log.info("Fetching %s from the Hugging Face hub (or its local cache) ...", repo_id)
+    try:
+        return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"])
+    except RepositoryNotFoundError:
+        raise ConfigError(f"model.name_or_path={repo_id!r} is not a model on the Hugging Face hub (or needs a "
+                          "login: set HF_TOKEN); check the name") from None
+    except Exception as exc:  # offline, DNS, proxy, timeouts: all mean the hub cannot be reached
+        raise ConfigError(
+            f"model.name_or_path={repo_id!r}: the Hugging Face hub is unreachable ({type(exc).__name__}) and the "
+            "model is not in the local cache; download it where the hub is reachable and set model.name_or_path "
+            "to that folder, or use model=gemma3_270m (embedded, offline)"
+        ) from None
 
 
 def load_tokenizer(name_or_path: str):
@@ -41,21 +59,13 @@ def load_model(cfg: ModelConfig, name_or_path: str, max_seq_length: int):
     import torch
 
     dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
-    try:
-        model, _ = FastModel.from_pretrained(
-            model_name=name_or_path,
-            max_seq_length=max_seq_length,
-            dtype=dtype,
-            load_in_4bit=cfg.load_in_4bit,
-            full_finetuning=cfg.full_finetuning,
-        )
-    except OSError as exc:
-        if "offline" in str(exc).lower() or "connect" in str(exc).lower() or "resolve" in str(exc).lower():
-            raise ConfigError(
-                f"model.name_or_path={name_or_path!r}: the model hub is unreachable; download the model elsewhere "
-                "and set model.name_or_path to its local folder (or use model=gemma3_270m)"
-            ) from None
-        raise
+    model, _ = FastModel.from_pretrained(
+        model_name=name_or_path,
+        max_seq_length=max_seq_length,
+        dtype=dtype,
+        load_in_4bit=cfg.load_in_4bit,
+        full_finetuning=cfg.full_finetuning,
+    )
     return model
 
 

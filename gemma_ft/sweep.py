@@ -1,0 +1,117 @@
+"""The comparison a sweep exists for: one row per job in summary.csv / summary.md, and summary.png.
+
+`SweepSummary` is a Hydra callback (registered in conf/config.yaml), so it runs after the last job with any
+launcher: the basic one, joblib, or submitit (SLURM and submitit_local).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
+
+from gemma_ft.plots import curve, plot_sweep_eval_losses
+
+STATUS_FILE = "status.json"
+METRIC_COLUMNS = ["final_eval_loss", "best_eval_loss", "final_train_loss", "exact_match_after", "runtime_s",
+                  "peak_memory_gib"]
+
+
+def write_status(job_dir: Path, status: str, error: str | None = None) -> None:
+    (job_dir / STATUS_FILE).write_text(json.dumps({"status": status, "error": error}) + "\n")
+
+
+def collect_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
+    """One dict per job directory (those with Hydra's .hydra/overrides.yaml), in job order."""
+    jobs = []
+    for overrides_file in sweep_dir.glob("*/.hydra/overrides.yaml"):
+        job_dir = overrides_file.parent.parent
+        overrides = dict(o.split("=", 1) for o in OmegaConf.load(overrides_file) if "=" in o)
+        status = json.loads((job_dir / STATUS_FILE).read_text()) if (job_dir / STATUS_FILE).exists() else {
+            "status": "failed", "error": "the job stopped without reporting (killed?)"}
+        metrics = json.loads((job_dir / "metrics.json").read_text()) if (job_dir / "metrics.json").exists() else {}
+        history = json.loads((job_dir / "history.json").read_text()) if (job_dir / "history.json").exists() else []
+        evals = curve(history, "eval_loss")
+        jobs.append({
+            "job": job_dir.name,
+            "num": int(job_dir.name) if job_dir.name.isdigit() else len(jobs),
+            "overrides": overrides,
+            "status": status["status"],
+            "error": status.get("error") or "",
+            "final_eval_loss": metrics.get("eval_loss"),
+            "best_eval_loss": min(evals[1]) if evals[1] else metrics.get("eval_loss"),
+            "final_train_loss": metrics.get("train_loss"),
+            "exact_match_after": metrics.get("exact_match_after"),
+            "runtime_s": metrics.get("runtime_s"),
+            "peak_memory_gib": metrics.get("peak_memory_gib"),
+            "eval_curve": evals,
+        })
+    return sorted(jobs, key=lambda j: j["num"])
+
+
+def varying_keys(jobs: list[dict]) -> list[str]:
+    keys = sorted({k for j in jobs for k in j["overrides"]})
+    varying = [k for k in keys if len({j["overrides"].get(k) for j in jobs}) > 1]
+    return varying or keys
+
+
+def summarise(sweep_dir: Path) -> list[dict]:
+    """Write summary.csv, summary.md and summary.png into `sweep_dir`; return the rows."""
+    jobs = collect_jobs(sweep_dir)
+    keys = varying_keys(jobs)
+    finished = [j for j in jobs if j["status"] == "ok" and _number(j["final_eval_loss"])]
+    best = min(finished, key=lambda j: j["final_eval_loss"]) if finished else None
+    rows = []
+    for job in jobs:
+        row = {"job": job["job"], **{k: job["overrides"].get(k, "") for k in keys}}
+        row.update({c: job[c] for c in METRIC_COLUMNS})
+        row.update({"status": job["status"], "best": "*" if job is best else "", "error": job["error"]})
+        rows.append(row)
+    columns = ["job", *keys, *METRIC_COLUMNS, "status", "best", "error"]
+    with (sweep_dir / "summary.csv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    markdown = markdown_table(rows, columns)
+    (sweep_dir / "summary.md").write_text(
+        f"# Sweep summary\n\n{markdown}\n\n`*` marks the job with the lowest final eval loss.\n", encoding="utf-8")
+    curves = {", ".join(f"{k}={j['overrides'].get(k, '')}" for k in keys) or j["job"]: j["eval_curve"]
+              for j in jobs if j["eval_curve"][0]}
+    plot_sweep_eval_losses(curves, sweep_dir / "summary.png")
+    return rows
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.4f}"
+        return "" if value is None else str(value).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not math.isnan(value)
+
+
+class SweepSummary(Callback):
+    """After the last job: the summary files, the table on stdout, and exit status 1 if any job failed."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        rows = summarise(sweep_dir)
+        print((sweep_dir / "summary.md").read_text())
+        print(f"Sweep summary: {sweep_dir / 'summary.csv'}, {sweep_dir / 'summary.png'}")
+        failed = [r for r in rows if r["status"] != "ok"]
+        if failed:
+            print(f"gemma_ft: {len(failed)} of {len(rows)} sweep job(s) failed: "
+                  + "; ".join(f"{r['job']}: {r['error']}" for r in failed), file=sys.stderr)
+            sys.exit(1)
