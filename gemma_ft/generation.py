@@ -11,7 +11,8 @@ def stop_token_ids(tokenizer) -> list[int]:
 
 
 def generate_replies(model, tokenizer, conversations: list[Conversation], max_new_tokens: int,
-                     batch_size: int = 8) -> list[str]:
+                     batch_size: int = 8, sampling: dict | None = None) -> list[str]:
+    """Replies to the conversations' prompts: greedy by default, or with `sampling` generate() arguments."""
     import torch
 
     if not conversations:
@@ -27,8 +28,9 @@ def generate_replies(model, tokenizer, conversations: list[Conversation], max_ne
         for start in range(0, len(prompts), batch_size):
             batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True).to(model.device)
             with torch.inference_mode():
-                out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                     eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
+                settings = sampling or {"do_sample": False, "eos_token_id": stop_token_ids(tokenizer),
+                                        "pad_token_id": tokenizer.pad_token_id}
+                out = model.generate(**batch, **{**settings, "max_new_tokens": max_new_tokens})
             new_tokens = out[:, batch["input_ids"].shape[1]:]
             replies.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import difflib
 import io
+import logging
 import math
 import random
 import re
@@ -19,6 +20,7 @@ from pathlib import Path
 from gemma_ft.config import DataConfig
 from gemma_ft.errors import DataError
 
+log = logging.getLogger(__name__)
 BUILTIN_PREFIX = "builtin:"
 _DELIMITERS = {",": "','", ";": "';'", "\t": "'\\t' (tab)"}
 # Gemma 3's control text: inside a cell it would become a special token or a turn boundary.
@@ -60,8 +62,17 @@ def resolve_data_path(path: str) -> Path:
 def load_conversations(cfg: DataConfig) -> list[Conversation]:
     """Read, check and map every row of the CSV named by `cfg.path`."""
     path = resolve_data_path(cfg.path)
-    text = _read_text(path, cfg.encoding)
-    delimiter = cfg.delimiter or _detect_delimiter(path, text)
+    header, rows = read_table(path, cfg.encoding, cfg.delimiter)
+    index = _column_indices(path, header, cfg)
+    conversations = _map_rows(path, rows, len(header), index, cfg)
+    log.info("Read %d conversations from %s", len(conversations), path)
+    return conversations
+
+
+def read_table(path: Path, encoding: str = "utf-8", delimiter: str | None = None):
+    """(header, [(line, cells), ...]) of a CSV, with every structural problem reported as a DataError."""
+    text = _read_text(path, encoding)
+    delimiter = delimiter or _detect_delimiter(path, text)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     records = []
     try:
@@ -83,8 +94,7 @@ def load_conversations(cfg: DataConfig) -> list[Conversation]:
     duplicates = sorted({name for name in header if header.count(name) > 1})
     if duplicates:
         raise DataError(f"{path}: duplicate column names {duplicates}; rename them so each column is unique")
-    index = _column_indices(path, header, cfg)
-    return _map_rows(path, rows, len(header), index, cfg)
+    return header, rows
 
 
 def _read_text(path: Path, encoding: str) -> str:

@@ -1,0 +1,63 @@
+"""A finished run as something to use: its config, its base model with the adapter, its tokenizer."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from gemma_ft.config import Config, register_configs
+from gemma_ft.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FinishedRun:
+    run_dir: Path
+    cfg: Config
+    model: Any
+    tokenizer: Any
+
+
+def run_config(run_dir: Path) -> Config:
+    """The typed config a run trained with (Hydra saved it in .hydra/config.yaml)."""
+    saved = run_dir / ".hydra" / "config.yaml"
+    if not (run_dir / "adapter" / "adapter_config.json").is_file():
+        raise ConfigError(f"run={run_dir} has no adapter/: point run at a finished gemma_ft run directory "
+                          "(outputs/<date>/<time> or outputs/<run.name>)")
+    if not saved.is_file():
+        raise ConfigError(f"run={run_dir} has no .hydra/config.yaml; it was not made by `python -m gemma_ft`")
+    register_configs()
+    schema = OmegaConf.structured(Config)
+    return OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.load(saved)))
+
+
+def load_finished_run(run_dir: str | Path, merged: bool = False) -> FinishedRun:
+    """Base model + adapter (a PeftModel), or with merged=True the adapter folded into the weights."""
+    import unsloth  # noqa: F401  (patches transformers and peft; import first, as the runner does)
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gemma_ft.models.loading import resolve_model_path
+
+    run_dir = Path(run_dir).expanduser().resolve()
+    cfg = run_config(run_dir)
+    base_path = resolve_model_path(cfg.model.name_or_path)
+    log.info("Loading %s with the adapter of %s ...", base_path, run_dir)
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+    model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
+    if merged:
+        model = model.merge_and_unload()
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    model.eval()
+    # The adapter folder holds the tokenizer with the Gemma 3 chat template the run trained with.
+    tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "adapter"))
+    return FinishedRun(run_dir, cfg, model, tokenizer)

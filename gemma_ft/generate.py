@@ -1,0 +1,161 @@
+"""Talk to a finished run: `python -m gemma_ft.generate run=outputs/<run> [prompt=... | file=prompts.csv]`.
+
+* prompt="..."        answers one prompt, streaming tokens as they come
+* file=prompts.csv    answers every row of a CSV into a new column (batch inference), written to `output`
+* neither             an interactive chat in the terminal (history kept; /reset clears it, /exit leaves)
+
+The chat template and system prompt are the ones the run trained with; sampling comes from `sampling.*`.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+from gemma_ft.cli_checks import CONF_DIR
+from gemma_ft.errors import UserError
+
+
+@dataclass
+class SamplingConfig:
+    # The seed notebook's settings for Gemma 3.
+    max_new_tokens: int = 125
+    temperature: float = 1.0
+    top_p: float = 0.95
+    top_k: int = 64
+    do_sample: bool = True
+
+
+@dataclass
+class GenerateConfig:
+    run: str = MISSING
+    prompt: Optional[str] = None
+    file: Optional[str] = None
+    output: Optional[str] = None  # default: <file stem>.answers.csv next to the input
+    column: str = "generated"  # the new column that batch inference fills
+    system_prompt: Optional[str] = None  # default: the run's fixed system prompt, if it had one
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    batch_size: int = 8
+
+
+ConfigStore.instance().store(name="generate_schema", node=GenerateConfig)
+
+
+def sampling_kwargs(s: SamplingConfig, tokenizer) -> dict:
+    from gemma_ft.generation import stop_token_ids
+
+    kwargs = {"max_new_tokens": s.max_new_tokens, "do_sample": s.do_sample, "eos_token_id": stop_token_ids(tokenizer),
+              "pad_token_id": tokenizer.pad_token_id}
+    if s.do_sample:
+        kwargs.update(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
+    return kwargs
+
+
+def answer(run, messages: list[dict], sampling: SamplingConfig, stream: bool = True) -> str:
+    """One reply to a conversation, streamed to stdout as it is generated."""
+    import torch
+    from transformers import TextStreamer
+
+    from gemma_ft.chat_template import render_text
+
+    tokenizer = run.tokenizer
+    inputs = tokenizer(render_text(tokenizer, messages, add_generation_prompt=True), return_tensors="pt")
+    inputs = inputs.to(run.model.device)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+    with torch.inference_mode():
+        out = run.model.generate(**inputs, streamer=streamer, **sampling_kwargs(sampling, tokenizer))
+    return tokenizer.decode(out[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def opening_turns(system_prompt: str | None) -> list[dict]:
+    return [{"role": "system", "content": system_prompt}] if system_prompt else []
+
+
+def chat(run, cfg: GenerateConfig, system_prompt: str | None) -> None:
+    history = opening_turns(system_prompt)
+    print("Chat with the fine-tuned model. /reset clears the history, /exit leaves.")
+    while True:
+        try:
+            line = input("\nyou> ").strip()
+        except EOFError:
+            break
+        if line == "/exit":
+            break
+        if line == "/reset":
+            history = opening_turns(system_prompt)
+            print("(history cleared)")
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        print("model> ", end="", flush=True)
+        history.append({"role": "assistant", "content": answer(run, history, cfg.sampling)})
+
+
+def answer_file(run, cfg: GenerateConfig, system_prompt: str | None) -> Path:
+    """Batch inference: every row of `cfg.file` gets its reply in column `cfg.column`."""
+    from tqdm import tqdm
+
+    from gemma_ft.data.conversations import Conversation, read_table, resolve_data_path
+    from gemma_ft.errors import DataError
+    from gemma_ft.generation import generate_replies
+
+    data = run.cfg.data
+    path = resolve_data_path(cfg.file)
+    header, rows = read_table(path, data.encoding, data.delimiter)
+    if data.columns.user not in header:
+        raise DataError(f"{path}: the run reads prompts from column {data.columns.user!r}, which is missing; "
+                        f"the columns are {header}")
+    user = header.index(data.columns.user)
+    system = header.index(data.columns.system) if data.columns.system in header else None
+    conversations = [Conversation(line, cells[system] if system is not None else system_prompt, cells[user], "")
+                     for line, cells in rows]
+    replies = []
+    for start in tqdm(range(0, len(conversations), cfg.batch_size), desc=f"Answering {len(conversations)} rows",
+                      unit="batch"):
+        batch = conversations[start:start + cfg.batch_size]
+        replies += generate_replies(run.model, run.tokenizer, batch, cfg.sampling.max_new_tokens,
+                                    batch_size=cfg.batch_size, sampling=sampling_kwargs(cfg.sampling, run.tokenizer))
+    output = Path(cfg.output).expanduser().resolve() if cfg.output else path.with_suffix(".answers.csv")
+    tmp = output.with_suffix(output.suffix + ".tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([*header, cfg.column])
+        for (_, cells), reply in zip(rows, replies):
+            writer.writerow([*cells, reply])
+    tmp.replace(output)
+    print(f"Wrote {len(replies)} answers to {output} (column {cfg.column!r})")
+    return output
+
+
+def generate(cfg: GenerateConfig) -> None:
+    from gemma_ft.finished_run import load_finished_run
+
+    run = load_finished_run(cfg.run)
+    system_prompt = cfg.system_prompt if cfg.system_prompt is not None else run.cfg.data.system_prompt
+    if cfg.prompt is not None:
+        answer(run, [*opening_turns(system_prompt), {"role": "user", "content": cfg.prompt}], cfg.sampling)
+    elif cfg.file is not None:
+        answer_file(run, cfg, system_prompt)
+    else:
+        chat(run, cfg, system_prompt)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="generate")
+def main(cfg) -> None:
+    try:
+        generate(OmegaConf.to_object(cfg))
+    except UserError as exc:
+        print(f"gemma_ft.generate: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
