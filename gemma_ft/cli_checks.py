@@ -35,6 +35,8 @@ def check_overrides(args: list[str]) -> None:
     """Raise ConfigError (one line) for the first wrong key, group option or value among the overrides."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    if any(a in ("-sc", "--shell-completion") or a.startswith("--shell-completion=") for a in args):
+        return  # its "install=bash" argument is not a config override
     overrides = [a for a in args if "=" in a and not a.startswith("-")]
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)

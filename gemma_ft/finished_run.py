@@ -24,16 +24,17 @@ class FinishedRun:
 
 
 def run_config(run_dir: Path) -> Config:
-    """The typed config a run trained with (Hydra saved it in .hydra/config.yaml)."""
-    saved = run_dir / ".hydra" / "config.yaml"
+    """The typed config a run trained with (the runner saved it as config.yaml)."""
+    from gemma_ft.pipeline import RUN_CONFIG
+
+    saved = run_dir / RUN_CONFIG
     if not (run_dir / "adapter" / "adapter_config.json").is_file():
         raise ConfigError(f"run={run_dir} has no adapter/: point run at a finished gemma_ft run directory "
                           "(outputs/<date>/<time> or outputs/<run.name>)")
     if not saved.is_file():
-        raise ConfigError(f"run={run_dir} has no .hydra/config.yaml; it was not made by `python -m gemma_ft`")
+        raise ConfigError(f"run={run_dir} has no {RUN_CONFIG}; it was not made by gemma_ft")
     register_configs()
-    schema = OmegaConf.structured(Config)
-    return OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.load(saved)))
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(saved)))
 
 
 def load_finished_run(run_dir: str | Path, merged: bool = False) -> FinishedRun:

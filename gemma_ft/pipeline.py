@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from gemma_ft.config import Config, to_typed
 from gemma_ft.data.conversations import Split, load_conversations, split_conversations
 from gemma_ft.plots import plot_run_losses
@@ -20,6 +22,7 @@ from gemma_ft.run_dir import check_writable, checkpoint_dir, plan_run
 from gemma_ft.validation import validate
 
 log = logging.getLogger(__name__)
+RUN_CONFIG = "config.yaml"
 
 
 @dataclass
@@ -57,6 +60,8 @@ def prepare(cfg: Any, run_dir: str | Path | None = None) -> Prepared:
     run_dir = Path(run_dir or cfg.run.dir or f"outputs/{cfg.run.name or 'run'}").resolve()
     plan = plan_run(cfg.run, run_dir)
     check_writable(run_dir, needed_bytes=0)
+    # The typed config this run trains with: what generate/evaluate/export read back.
+    OmegaConf.save(OmegaConf.structured(cfg), run_dir / RUN_CONFIG)
 
     # unsloth must be imported before transformers, trl and peft: it patches them.
     import unsloth  # noqa: F401

@@ -17,12 +17,28 @@ ALL_YAML = sorted(CONF_DIR.rglob("*.yaml"))
 # Sweep and launcher presets configure Hydra itself, not a schema group.
 HYDRA_FILES = [p for p in ALL_YAML if p.parent.name in ("hparams_search", "launcher")]
 GROUP_FILES = [p for p in ALL_YAML if p.parent != CONF_DIR and p not in HYDRA_FILES]
+COMMANDS = ["config", "generate", "evaluate", "export"]  # conf/<command>.yaml: one per entry point
 
 
 def test_every_yaml_is_found():
-    assert len(ALL_YAML) == 17  # conf/config.yaml + 14 group files + 2 sweep presets: update when adding one
+    # 4 command configs + 14 group files + 2 sweep presets: update when adding one.
+    assert len(ALL_YAML) == 20
+    assert sorted(p.stem for p in ALL_YAML if p.parent == CONF_DIR) == sorted(COMMANDS)
     assert {p.parent.name for p in GROUP_FILES} == set(GROUP_SCHEMAS)
     assert len(HYDRA_FILES) == 2
+
+
+@pytest.mark.parametrize("command", COMMANDS[1:])
+def test_command_configs_compose(command):
+    import importlib
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    importlib.import_module(f"gemma_ft.{command}")  # registers its schema
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(command, overrides=["run=outputs/x", "file=f.csv"] if command == "evaluate" else ["run=outputs/x"])
+    assert OmegaConf.to_object(cfg).run == "outputs/x"
 
 
 def test_sweep_presets_compose():

@@ -39,7 +39,7 @@ def test_base_model_speaks_before_any_training(model_dir):
     assert tokenizer.decode(out[0][ids["input_ids"].shape[1]:]) == " 5, 6,"
 
 
-def test_short_run_improves_exact_match(tmp_path):
+def test_short_run_improves_exact_match_and_learns_to_end_its_turn(tmp_path):
     metrics = run(typed_config([
         "train.max_steps=20", "train.exact_match_rows=8", "train.max_new_tokens=8", "train.report_to=none",
         "train.max_seq_length=128", "data.val_size=16",
@@ -49,3 +49,14 @@ def test_short_run_improves_exact_match(tmp_path):
     assert metrics["eval_loss"] < 3.0 and metrics["device"] == "cpu"
     samples = json.loads((tmp_path / "run" / "samples.json").read_text())
     assert len(samples) == 8 and all(s["generated_after"] for s in samples)
+
+    # The generate command answers with the run's template and stops at <end_of_turn>, well before the limit.
+    from gemma_ft.finished_run import load_finished_run
+    from gemma_ft.generate import SamplingConfig, answer
+
+    finished = load_finished_run(tmp_path / "run")
+    solved = next(s for s in samples if s["generated_after"] == s["expected"])
+    messages = [{"role": "system", "content": solved["system"]}, {"role": "user", "content": solved["prompt"]}]
+    reply = answer(finished, messages, SamplingConfig(max_new_tokens=20, do_sample=False), stream=False)
+    assert reply == solved["expected"]
+    assert len(finished.tokenizer(reply, add_special_tokens=False).input_ids) < 20

@@ -1,0 +1,93 @@
+"""Evaluate a finished run on any CSV: `python -m gemma_ft.evaluate run=outputs/<run> file=test.csv`.
+
+Uses the run's column mapping and chat template; reports the loss on the assistant's replies (token-weighted
+mean, the same masking as training) and the exact match of greedy answers; writes <run>/eval_<file stem>.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+from gemma_ft.cli_checks import CONF_DIR
+from gemma_ft.errors import UserError
+
+
+@dataclass
+class EvaluateConfig:
+    run: str = MISSING
+    file: str = MISSING
+    max_new_tokens: int = 64
+    batch_size: int = 8
+
+
+ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
+
+
+def masked_loss(model, tokenizer, conversations, max_seq_length: int) -> float:
+    """Mean cross-entropy over the reply tokens (labels masked exactly as in training)."""
+    import torch
+    from tqdm import tqdm
+    from unsloth.chat_templates import train_on_responses_only
+
+    from gemma_ft.chat_template import MODEL_TURN, USER_TURN
+    from gemma_ft.training import IGNORE_INDEX, tokenize_conversations
+
+    dataset = tokenize_conversations(tokenizer, conversations)
+    mask = train_on_responses_only(None, instruction_part=USER_TURN, response_part=MODEL_TURN, tokenizer=tokenizer,
+                                   return_function=True)
+    dataset = dataset.map(lambda rows: {"input_ids": [ids[:max_seq_length] for ids in rows["input_ids"]]},
+                          batched=True).map(mask, batched=True)
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for row in tqdm(dataset, desc="Eval loss", unit="row"):
+            labels = torch.tensor(row["labels"][1:], device=model.device)
+            if (labels != IGNORE_INDEX).sum() == 0:
+                continue
+            logits = model(input_ids=torch.tensor([row["input_ids"]], device=model.device)).logits[0, :-1]
+            total += torch.nn.functional.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX,
+                                                       reduction="sum").item()
+            count += int((labels != IGNORE_INDEX).sum())
+    return total / max(count, 1)
+
+
+def evaluate_run(run_dir: str | Path, file: str, max_new_tokens: int = 64, batch_size: int = 8) -> dict:
+    from gemma_ft.data.conversations import load_conversations
+    from gemma_ft.finished_run import load_finished_run
+    from gemma_ft.generation import exact_match, generate_replies
+
+    run = load_finished_run(run_dir)
+    conversations = load_conversations(dataclasses.replace(run.cfg.data, path=file))
+    replies = generate_replies(run.model, run.tokenizer, conversations, max_new_tokens, batch_size=batch_size)
+    result = {
+        "file": str(Path(file).resolve()),
+        "rows": len(conversations),
+        "eval_loss": masked_loss(run.model, run.tokenizer, conversations, run.cfg.train.max_seq_length),
+        "exact_match": exact_match(replies, conversations),
+    }
+    out = run.run_dir / f"eval_{Path(file).stem}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    print(f"Written to {out}")
+    return result
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
+def main(cfg) -> None:
+    cfg = OmegaConf.to_object(cfg)
+    try:
+        evaluate_run(cfg.run, cfg.file, cfg.max_new_tokens, cfg.batch_size)
+    except UserError as exc:
+        print(f"gemma_ft.evaluate: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Using a finished run: chat/generate, batch inference, evaluation on a CSV, merged export, loss plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from gemma_ft.pipeline import run
+from tests.conftest import TINY, chess_rows, typed_config, write_csv
+
+GREEDY = ["sampling.do_sample=false"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finished")
+    data = write_csv(root / "data.csv", chess_rows(20))
+    run_dir = root / "run"
+    metrics = run(typed_config([*TINY, f"data.path={data}", "data.val_size=4", "train.eval_steps=2",
+                                "train.report_to=tensorboard"]), run_dir=run_dir)
+    return run_dir, metrics
+
+
+def generate_config(run_dir, *overrides):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from gemma_ft.cli_checks import CONF_DIR
+    import gemma_ft.generate  # noqa: F401  (registers the schema)
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return OmegaConf.to_object(compose("generate", overrides=[f"run={run_dir}", *overrides]))
+
+
+def test_prompt_is_answered_with_the_runs_template_and_streamed(finished, capsys):
+    from gemma_ft.finished_run import load_finished_run
+    from gemma_ft.generate import answer
+
+    run_dir, _ = finished
+    cfg = generate_config(run_dir, "prompt=e2e4", "sampling.max_new_tokens=5", *GREEDY)
+    loaded = load_finished_run(run_dir)
+    assert loaded.tokenizer.chat_template and "<start_of_turn>" in loaded.tokenizer.chat_template
+    reply = answer(loaded, [{"role": "user", "content": "e2e4"}], cfg.sampling)
+    assert reply and reply in capsys.readouterr().out  # streamed to stdout as it was generated
+    assert len(loaded.tokenizer(reply, add_special_tokens=False).input_ids) <= 5
+
+
+def test_sampling_defaults_are_the_notebooks(finished):
+    cfg = generate_config(finished[0])
+    s = cfg.sampling
+    assert (s.max_new_tokens, s.temperature, s.top_p, s.top_k) == (125, 1.0, 0.95, 64)
+
+
+def test_interactive_chat_keeps_history_and_resets(finished, monkeypatch, capsys):
+    from gemma_ft import generate as generate_module
+
+    run_dir, _ = finished
+    seen = []
+    monkeypatch.setattr(generate_module, "answer", lambda run, messages, sampling: seen.append(list(messages)) or "ok")
+    lines = iter(["first", "second", "/reset", "third", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    generate_module.generate(generate_config(run_dir))
+    users = [[m["content"] for m in messages if m["role"] == "user"] for messages in seen]
+    assert users == [["first"], ["first", "second"], ["third"]]
+    assert "history cleared" in capsys.readouterr().out
+
+
+def test_batch_inference_fills_a_column_for_every_row(finished, tmp_path):
+    from gemma_ft.generate import generate
+
+    run_dir, _ = finished
+    prompts = write_csv(tmp_path / "prompts.csv", [["Answer.", "e2e4"], ["Answer.", "a, b \"q\""], ["Answer.", "日本"]],
+                        header=("task", "input"))
+    generate(generate_config(run_dir, f"file={prompts}", "sampling.max_new_tokens=4", *GREEDY))
+    with (tmp_path / "prompts.answers.csv").open(encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["input"] for r in rows] == ["e2e4", 'a, b "q"', "日本"]
+    assert all(r["generated"].strip() for r in rows)
+
+
+def test_evaluate_on_a_csv_matches_the_training_eval(finished, tmp_path):
+    from gemma_ft.evaluate import evaluate_run
+
+    run_dir, metrics = finished
+    held_out = json.loads((run_dir / "samples.json").read_text())
+    rows = [[s["system"], s["prompt"], s["expected"]] for s in held_out]
+    assert len(rows) == 2
+    result = evaluate_run(run_dir, str(write_csv(tmp_path / "held_out.csv", rows)), max_new_tokens=4)
+    assert result["rows"] == 2 and 0.0 <= result["exact_match"] <= 1.0
+    assert (run_dir / "eval_held_out.json").exists()
+    assert result["eval_loss"] == pytest.approx(metrics["eval_loss"], rel=0.05)
+
+
+def test_merged_export_loads_without_peft_and_matches_the_adapter(finished):
+    from transformers import AutoModelForCausalLM
+
+    from gemma_ft.export import export_merged
+    from gemma_ft.finished_run import load_finished_run
+
+    run_dir, _ = finished
+    merged_dir = export_merged(run_dir, dtype="float32")
+    config = json.loads((merged_dir / "config.json").read_text())
+    assert "peft" not in json.dumps(config).lower() and not (merged_dir / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32)
+    adapted = load_finished_run(run_dir)
+    prompt = adapted.tokenizer("<start_of_turn>user\ne2e4<end_of_turn>\n<start_of_turn>model\n", return_tensors="pt")
+    settings = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0}
+    with torch.inference_mode():
+        expected = adapted.model.generate(**prompt, **settings)
+        got = merged.generate(**prompt, **settings)
+    assert got.tolist() == expected.tolist()
+
+
+def test_loss_plot_and_tensorboard_events_hold_the_logged_steps(finished):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _ = finished
+    assert (run_dir / "loss.png").stat().st_size > 1000
+    history = json.loads((run_dir / "history.json").read_text())
+    logged_steps = sorted({e["step"] for e in history if "loss" in e})
+    assert logged_steps == [1, 2, 3, 4]
+    [events_dir] = {p.parent for p in (run_dir / "checkpoints" / "runs").rglob("events.out.tfevents.*")}
+    events = EventAccumulator(str(events_dir))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == logged_steps
+    assert [e.step for e in events.Scalars("eval/loss")]
