@@ -84,6 +84,8 @@ class TrainConfig:
     per_device_train_batch_size: int = 4
     per_device_eval_batch_size: int = 8
     gradient_accumulation_steps: int = 1
+    # random | group_by_length (batches of similar length: far less padding on data with a spread of lengths)
+    sampling: str = "group_by_length"
     max_seq_length: int = 512
     logging_steps: int = 5
     eval_steps: int = 20  # 0: evaluate only at the end

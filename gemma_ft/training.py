@@ -37,6 +37,7 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset, cfg: Config, ch
         per_device_train_batch_size=t.per_device_train_batch_size,
         per_device_eval_batch_size=t.per_device_eval_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
+        train_sampling_strategy=t.sampling,
         max_steps=t.max_steps,
         num_train_epochs=t.num_train_epochs,
         learning_rate=o.lr,

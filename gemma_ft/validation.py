@@ -39,6 +39,7 @@ def problems(cfg: Config, has_cuda: bool | None = None) -> list[str]:
     require(t.logging_steps > 0, f"train.logging_steps={t.logging_steps} must be > 0")
     require(t.eval_steps >= 0, f"train.eval_steps={t.eval_steps} must be >= 0 (0: evaluate at the end only)")
     require(t.exact_match_rows >= 0, f"train.exact_match_rows={t.exact_match_rows} must be >= 0")
+    require(t.sampling in ("random", "group_by_length"), f"train.sampling={t.sampling!r} must be random or group_by_length")
     require(t.report_to in REPORT_TO, f"train.report_to={t.report_to!r} must be one of {', '.join(REPORT_TO)}")
     d = cfg.data
     require(d.val_size > 0, f"data.val_size={d.val_size} must be > 0: the run evaluates on held-out rows")

@@ -1,0 +1,287 @@
+"""Training throughput of gemma_ft against a plain unsloth script and plain transformers + peft + TRL.
+
+One case per process (run_all.sh runs them back to back on the same GPU):
+
+    python benchmarks/throughput.py --case {gemma_ft,gemma_ft_defaults,unsloth,hf} --arch {270m,1b,4b} \
+        --workdir /tmp/bench --tokenizer TOKENIZER_DIR --out results.jsonl
+
+Models are randomly initialised Gemma 3 text architectures (throughput does not depend on weight values) with
+the real Gemma 3 tokenizer; data are synthetic conversations with a log-normal spread of lengths. Every case uses
+LoRA r=16 on all 7 projections, the same rows, seed and batch size; `gemma_ft_defaults` adds gemma_ft's GPU
+defaults (length-grouped batches). Reported: trained (non-padding) tokens/s and s/step after warm-up steps, peak
+GPU memory, time from process start to the end of the first step, and MFU against the measured bf16 peak.
+FLOPs per token = 4 * N_params (forward 2N + backward through frozen weights 2N) + attention
+12 * layers * heads * head_dim * mean_context (QK^T and AV, forward and backward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+PROCESS_START = time.perf_counter()
+
+ARCHS = {  # Gemma 3 text configs (google/gemma-3-*), vocabulary 262144
+    "270m": dict(hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
+                 num_key_value_heads=1, head_dim=256, sliding_window=512),
+    "1b": dict(hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
+               num_key_value_heads=1, head_dim=256, sliding_window=512),
+    "4b": dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, num_attention_heads=8,
+               num_key_value_heads=4, head_dim=256, sliding_window=1024),
+}
+WORDS = ("the a of to and in is for on with as by at from that this it be are was move piece board square king "
+         "queen rook bishop knight pawn check mate castle rank file game white black open attack defend position "
+         "opening endgame tactic plan centre space tempo trade value").split()
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_data(path: Path, rows: int = 3000, seed: int = 0) -> None:
+    """Conversations whose prompt and reply lengths follow log-normal distributions (median ~180 / ~120 words)."""
+    rng = random.Random(seed)
+
+    def text(median: float) -> str:
+        n = max(3, min(900, int(rng.lognormvariate(math.log(median), 0.8))))
+        return " ".join(rng.choice(WORDS) for _ in range(n))
+
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["input", "expected_output"])
+        for _ in range(rows):
+            writer.writerow([text(180), text(120)])
+
+
+def make_model(arch: str, tokenizer_dir: Path, target: Path) -> None:
+    import shutil
+
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    if (target / "config.json").exists():
+        return
+    layers = ARCHS[arch]["num_hidden_layers"]
+    config = Gemma3TextConfig(vocab_size=262144, max_position_embeddings=32768, rope_theta=1_000_000.0,
+                              query_pre_attn_scalar=256, tie_word_embeddings=True, pad_token_id=0, eos_token_id=1,
+                              bos_token_id=2,
+                              layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                                           for i in range(layers)], **ARCHS[arch])
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = Gemma3ForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(target)
+    for item in tokenizer_dir.iterdir():
+        if item.is_file() and item.name != ".complete":
+            shutil.copy2(item, target / item.name)
+
+
+class Meter:
+    """Per-step wall time (GPU synchronised) and non-padding tokens, from a wrapped training_step."""
+
+    def __init__(self):
+        self.tokens: list[int] = []
+        self.times: list[float] = []
+        self.losses: list[float] = []
+        self.first_step_end: float | None = None
+        self._pending = 0
+        self._last = None
+
+    def wrap(self, trainer) -> None:
+        import torch
+        from transformers import TrainerCallback
+
+        step = trainer.training_step
+        meter = self
+
+        def counted(model, inputs, *args, **kwargs):
+            mask = inputs.get("attention_mask")
+            meter._pending += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+            return step(model, inputs, *args, **kwargs)
+
+        trainer.training_step = counted
+
+        class Timer(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                torch.cuda.synchronize()
+                meter._last = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):
+                torch.cuda.synchronize()
+                now = time.perf_counter()
+                meter.times.append(now - meter._last)
+                meter.tokens.append(meter._pending)
+                meter._pending = 0
+                if meter.first_step_end is None:
+                    meter.first_step_end = now - PROCESS_START
+
+            def on_log(self, args, state, control, logs=None, **kw):
+                if logs and "loss" in logs:
+                    meter.losses.append(float(logs["loss"]))
+
+        trainer.add_callback(Timer())
+
+
+def sft_config(args, out: Path, **extra):
+    from trl import SFTConfig
+
+    return SFTConfig(output_dir=str(out), per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
+                     max_steps=args.steps, learning_rate=2e-4, weight_decay=0.001, warmup_steps=5,
+                     lr_scheduler_type="linear", optim="adamw_torch", logging_steps=1, save_strategy="no",
+                     report_to=[], seed=3407, data_seed=3407, max_length=args.max_len, bf16=True,
+                     dataset_num_proc=1, **extra)
+
+
+def rows(path: Path) -> list[dict]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def case_gemma_ft(args, data: Path, model_dir: Path, defaults: bool):
+    from gemma_ft.config import register_configs, to_typed
+    from gemma_ft.pipeline import prepare
+    from hydra import compose, initialize_config_dir
+
+    from gemma_ft.cli_checks import CONF_DIR
+
+    register_configs()
+    overrides = [f"model.name_or_path={model_dir}", f"data.path={data}", "data.columns.system=null",
+                 "data.val_size=16", "lora.train_lm_head=false", f"train.max_steps={args.steps}",
+                 f"train.per_device_train_batch_size={args.batch}", f"train.max_seq_length={args.max_len}",
+                 "train.eval_steps=0", "train.exact_match_rows=0", "train.report_to=none", "train.save_steps=100000",
+                 "train.logging_steps=1", "optim.warmup_steps=5"]
+    if not defaults:
+        overrides.append("train.sampling=random")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    prepared = prepare(to_typed(cfg), run_dir=Path(args.workdir) / f"run_{args.case}_{args.arch}")
+    return prepared.trainer
+
+
+def case_unsloth(args, data: Path, model_dir: Path):
+    from unsloth import FastModel
+    from unsloth.chat_templates import get_chat_template, train_on_responses_only
+
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    model, tokenizer = FastModel.from_pretrained(str(model_dir), max_seq_length=args.max_len, load_in_4bit=False)
+    model = FastModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0, target_modules=TARGETS,
+                                     use_gradient_checkpointing="unsloth", random_state=3407)
+    tokenizer = get_chat_template(tokenizer, chat_template="gemma-3")
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": r["input"]},
+                                            {"role": "assistant", "content": r["expected_output"]}],
+                                           tokenize=False).removeprefix("<bos>") for r in rows(data)[16:]]
+    trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=Dataset.from_dict({"text": texts}),
+                         args=sft_config(args, Path(args.workdir) / "unsloth", dataset_text_field="text"))
+    return train_on_responses_only(trainer, instruction_part="<start_of_turn>user\n",
+                                   response_part="<start_of_turn>model\n")
+
+
+def case_hf(args, data: Path, model_dir: Path):
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16, device_map="cuda",
+                                                 attn_implementation="sdpa")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
+                                             task_type="CAUSAL_LM"))
+    examples = rows(data)[16:]
+    prompt = "<start_of_turn>user\n{}<end_of_turn>\n<start_of_turn>model\n"
+    dataset = Dataset.from_dict({"prompt": [prompt.format(r["input"]) for r in examples],
+                                 "completion": [r["expected_output"] + "<end_of_turn>\n" for r in examples]})
+    return SFTTrainer(model=model, processing_class=tokenizer, train_dataset=dataset,
+                      args=sft_config(args, Path(args.workdir) / "hf", completion_only_loss=True))
+
+
+def matmul_peak_tflops() -> float:
+    import torch
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * 10 / (time.perf_counter() - start) / 1e12
+
+
+def flops_per_token(arch: str, n_params: int, mean_len: float) -> float:
+    a = ARCHS[arch]
+    layers, heads, head_dim, window = a["num_hidden_layers"], a["num_attention_heads"], a["head_dim"], a["sliding_window"]
+    full_layers = layers // 6
+    context = (full_layers * mean_len / 2 + (layers - full_layers) * min(mean_len / 2, window)) / layers
+    return 4 * n_params + 12 * layers * heads * head_dim * context
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--case", required=True, choices=["gemma_ft", "gemma_ft_defaults", "unsloth", "hf"])
+    parser.add_argument("--arch", default="270m", choices=list(ARCHS))
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--max-len", type=int, default=2048)
+    parser.add_argument("--workdir", default="/tmp/bench")
+    parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    if args.case != "hf":
+        import unsloth  # noqa: F401  (before transformers, as in every unsloth script)
+    import torch
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "data.csv"
+    if not data.exists():
+        make_data(data)
+    model_dir = work / f"gemma3-{args.arch}-random"
+    make_model(args.arch, Path(args.tokenizer), model_dir)
+
+    torch.cuda.reset_peak_memory_stats()
+    if args.case.startswith("gemma_ft"):
+        trainer = case_gemma_ft(args, data, model_dir, defaults=args.case == "gemma_ft_defaults")
+    elif args.case == "unsloth":
+        trainer = case_unsloth(args, data, model_dir)
+    else:
+        trainer = case_hf(args, data, model_dir)
+    meter = Meter()
+    meter.wrap(trainer)
+    trainer.train()
+
+    timed = slice(args.warmup, None)
+    seconds, tokens = sum(meter.times[timed]), sum(meter.tokens[timed])
+    model = trainer.model
+    n_params = sum(p.numel() for p in model.parameters())
+    mean_len = tokens / max(1, len(meter.tokens[timed])) / args.batch
+    peak = matmul_peak_tflops()
+    tokens_per_s = tokens / seconds
+    result = {
+        "case": args.case, "arch": args.arch, "gpu": torch.cuda.get_device_name(0), "batch": args.batch,
+        "steps": args.steps, "warmup_steps": args.warmup, "tokens_per_s": tokens_per_s,
+        "s_per_step": seconds / len(meter.times[timed]), "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+        "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "time_to_first_step_s": meter.first_step_end, "params": n_params, "mean_tokens_per_row": mean_len,
+        "bf16_peak_tflops": peak, "mfu": tokens_per_s * flops_per_token(args.arch, n_params, mean_len) / (peak * 1e12),
+        "losses": meter.losses[:20], "compile_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default"),
+    }
+    with open(args.out, "a") as handle:
+        handle.write(json.dumps(result) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "losses"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
