@@ -262,6 +262,8 @@ def main() -> None:
     meter.wrap(trainer)
     trainer.train()
 
+    if len(meter.times) <= args.warmup:
+        raise SystemExit(f"only {len(meter.times)} steps ran; need more than --warmup {args.warmup}")
     timed = slice(args.warmup, None)
     seconds, tokens = sum(meter.times[timed]), sum(meter.tokens[timed])
     model = trainer.model
