@@ -66,6 +66,8 @@ def prepare(cfg: Any, run_dir: str | Path | None = None) -> Prepared:
     # unsloth must be imported before transformers, trl and peft: it patches them.
     import unsloth  # noqa: F401
 
+    release_accelerator_memory()  # a sweep's earlier job in this process must not count against this one
+
     import datasets
 
     from gemma_ft.callbacks import LogEveryFinalStep, MarkCheckpointComplete, StopOnSignal
@@ -140,6 +142,18 @@ def run(cfg: Any, run_dir: str | Path | None = None) -> dict:
     log.info("Done: eval_loss=%.4f, exact match %.3f -> %.3f; outputs in %s", metrics["eval_loss"],
              metrics["exact_match_before"], metrics["exact_match_after"], p.run_dir)
     return metrics
+
+
+def release_accelerator_memory() -> None:
+    """Free what earlier runs in this process left on the GPU and restart its peak-memory count."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def final_eval_loss(trainer) -> float:
