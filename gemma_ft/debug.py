@@ -69,7 +69,8 @@ def show_example(trainer, tokenizer, conversations, index: int) -> None:
     index = max(0, min(index, len(dataset) - 1))
     row = dataset[index]
     print("=== Dataset Example ===")
-    print(conversations[index] if index < len(conversations) else row)
+    # Rows dropped for length shift the trainer's indices; the CSV row is shown only while they line up.
+    print(conversations[index] if len(conversations) == len(dataset) else f"(training row {index})")
     print("=== Formatted Text ===")
     print(tokenizer.decode(row["input_ids"]))
     print("=== Tokenized Input ===")
