@@ -35,8 +35,6 @@ class LoraConfig:
     # Train the output head / input embeddings fully (saved whole with the adapter).
     train_lm_head: bool = False
     train_embeddings: bool = False
-    # Tokens whose embedding rows train (PEFT trainable tokens): cheap way to teach untrained special tokens.
-    trainable_tokens: list[str] = field(default_factory=list)
     bias: str = "none"
     use_gradient_checkpointing: Any = "unsloth"
     use_rslora: bool = False

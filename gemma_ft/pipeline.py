@@ -59,7 +59,7 @@ def prepare(cfg: Any, run_dir: str | Path | None = None) -> Prepared:
     log.info("Data: %d rows -> %d train, %d validation", len(conversations), len(split.train), len(split.validation))
     run_dir = Path(run_dir or cfg.run.dir or f"outputs/{cfg.run.name or 'run'}").resolve()
     plan = plan_run(cfg.run, run_dir)
-    check_writable(run_dir, needed_bytes=0)
+    check_writable(run_dir, needed_bytes=0)  # writable now; room is checked once the model's size is known
     # The typed config this run trains with: what generate/evaluate/export read back.
     OmegaConf.save(OmegaConf.structured(cfg), run_dir / RUN_CONFIG)
 
@@ -82,7 +82,7 @@ def prepare(cfg: Any, run_dir: str | Path | None = None) -> Prepared:
     # The template is set and checked before anything renders text, so a wrong template cannot train silently.
     tokenizer = apply_gemma3_template(load_tokenizer(model_path))
     model = load_model(cfg.model, model_path, cfg.train.max_seq_length)
-    model = add_lora_adapters(model, cfg.lora, tokenizer, cfg.train.seed)
+    model = add_lora_adapters(model, cfg.lora, cfg.train.seed)
 
     # The data lives in memory; caching it on disk would only cost time.
     datasets.disable_caching()

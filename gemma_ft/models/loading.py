@@ -69,7 +69,7 @@ def load_model(cfg: ModelConfig, name_or_path: str, max_seq_length: int):
     return model
 
 
-def add_lora_adapters(model, cfg: LoraConfig, tokenizer, seed: int):
+def add_lora_adapters(model, cfg: LoraConfig, seed: int):
     """Wrap the model in LoRA adapters as `cfg` says; plain Python values only (OmegaConf nodes break saving)."""
     from unsloth import FastModel
 
@@ -78,16 +78,6 @@ def add_lora_adapters(model, cfg: LoraConfig, tokenizer, seed: int):
         modules_to_save.append("lm_head")
     if cfg.train_embeddings:
         modules_to_save.append("embed_tokens")
-    extra = {}
-    if cfg.trainable_tokens:
-        token_ids = []
-        for token in cfg.trainable_tokens:
-            ids = tokenizer.convert_tokens_to_ids([token])
-            if not ids or ids[0] is None or ids[0] == tokenizer.unk_token_id:
-                raise ConfigError(f"lora.trainable_tokens: {token!r} is not a token of this tokenizer; "
-                                  "list whole tokens such as <end_of_turn>")
-            token_ids.extend(ids)
-        extra["trainable_token_indices"] = {"embed_tokens": list(token_ids)}
     return FastModel.get_peft_model(
         model,
         r=cfg.r,
@@ -99,5 +89,4 @@ def add_lora_adapters(model, cfg: LoraConfig, tokenizer, seed: int):
         random_state=seed,
         use_rslora=cfg.use_rslora,
         modules_to_save=modules_to_save or None,
-        **extra,
     )
