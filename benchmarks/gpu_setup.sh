@@ -1,9 +1,8 @@
 # Sourced at the start of every GPU command: installs the carried wheels and unpacks the real tokenizer.
 #   source benchmarks/gpu_setup.sh
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>&1 | grep -v "WARNING" | tail -2
+[ -d /tmp/site/unsloth ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>&1 | grep -v "WARNING" | tail -2
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-# The compile caches persist across runs and sweep jobs in one place (see README "Performance").
-export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/gemma_ft_compile/inductor}
+
 export GEMMA_FT_CACHE=/tmp/gemma_ft_cache
 mkdir -p $GEMMA_FT_CACHE/gemma3-tokenizer && tar -C $GEMMA_FT_CACHE/gemma3-tokenizer -xJf .gpu_assets/tokenizer.tar.xz
 touch $GEMMA_FT_CACHE/gemma3-tokenizer/.complete

@@ -2,13 +2,17 @@
 
 One case per process (run_all.sh runs them back to back on the same GPU):
 
-    python benchmarks/throughput.py --case {gemma_ft,gemma_ft_defaults,unsloth,hf} --arch {270m,1b,4b} \
-        --workdir /tmp/bench --tokenizer TOKENIZER_DIR --out results.jsonl
+    python benchmarks/throughput.py --case CASE --arch {270m,1b,4b} --workdir /tmp/bench \
+        --tokenizer TOKENIZER_DIR --out results.jsonl
 
-Models are randomly initialised Gemma 3 text architectures (throughput does not depend on weight values) with
-the real Gemma 3 tokenizer; data are synthetic conversations with a log-normal spread of lengths. Every case uses
-LoRA r=16 on all 7 projections, the same rows, seed and batch size; `gemma_ft_defaults` adds gemma_ft's GPU
-defaults (length-grouped batches). Reported: trained (non-padding) tokens/s and s/step after warm-up steps, peak
+Cases (CASES below): `gemma_ft` (the full pipeline, CSV -> masking -> trainer, at the plain scripts' batch
+settings), `gemma_ft_defaults` (the pipeline with its shipped defaults), `unsloth` (a plain unsloth script at
+the same batch settings), `unsloth_notebook` (the seed notebook's batch 2 x 4 accumulation and adamw_8bit) and
+`hf` (plain transformers + peft + TRL). Models are randomly initialised Gemma 3 text architectures (throughput
+does not depend on weight values) with the real Gemma 3 tokenizer; data are synthetic conversations with a
+log-normal spread of lengths, split into the same training rows for every case. Every case uses LoRA r=16 on
+all 7 projections, seed 3407 and padded batches (unsloth's automatic padding-free batches did not finish a
+first step within 200 s on this stack; see README "Performance"). Reported: trained (non-padding) tokens/s and s/step after warm-up steps, peak
 GPU memory, time from process start to the end of the first step, and MFU against the measured bf16 peak.
 FLOPs per token = 4 * N_params (forward 2N + backward through frozen weights 2N) + attention
 12 * layers * heads * head_dim * mean_context (QK^T and AV, forward and backward).
@@ -79,6 +83,19 @@ def make_model(arch: str, tokenizer_dir: Path, target: Path) -> None:
             shutil.copy2(item, target / item.name)
 
 
+def synchronize() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def case_settings(args) -> tuple:
+    """(per-device batch, accumulation, optimizer, sampling) of the case; --batch overrides the batch."""
+    batch, accumulation, optim, sampling = CASES[args.case]
+    return (args.batch or batch, accumulation, optim, sampling)
+
+
 class Meter:
     """Per-step wall time (GPU synchronised) and non-padding tokens, from a wrapped training_step."""
 
@@ -106,14 +123,15 @@ class Meter:
 
         class Timer(TrainerCallback):
             def on_step_begin(self, args, state, control, **kw):
-                torch.cuda.synchronize()
+                synchronize()
                 meter._last = time.perf_counter()
 
             def on_step_end(self, args, state, control, **kw):
-                torch.cuda.synchronize()
+                synchronize()
                 now = time.perf_counter()
                 meter.times.append(now - meter._last)
                 meter.tokens.append(meter._pending)
+                print(f"[bench] step {len(meter.times)}: {meter.times[-1]:.3f} s, {meter._pending} tokens", flush=True)
                 meter._pending = 0
                 if meter.first_step_end is None:
                     meter.first_step_end = now - PROCESS_START
@@ -125,40 +143,60 @@ class Meter:
         trainer.add_callback(Timer())
 
 
+# case -> (per-device batch, gradient accumulation, optimizer, sampling); None: gemma_ft's shipped default.
+CASES = {
+    "gemma_ft": (8, 1, "adamw_torch", "random"),
+    "gemma_ft_defaults": (None, None, None, None),
+    "unsloth": (8, 1, "adamw_torch", "random"),
+    "unsloth_notebook": (2, 4, "adamw_8bit", "random"),
+    "hf": (8, 1, "adamw_torch", "random"),
+}
+VAL_ROWS = 16
+
+
 def sft_config(args, out: Path, **extra):
     from trl import SFTConfig
 
-    return SFTConfig(output_dir=str(out), per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
+    batch, accumulation, optim, _ = case_settings(args)
+    return SFTConfig(output_dir=str(out), per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
                      max_steps=args.steps, learning_rate=2e-4, weight_decay=0.001, warmup_steps=5,
-                     lr_scheduler_type="linear", optim="adamw_torch", logging_steps=1, save_strategy="no",
+                     lr_scheduler_type="linear", optim=optim, logging_steps=1, save_strategy="no",
                      report_to=[], seed=3407, data_seed=3407, max_length=args.max_len, bf16=True,
                      dataset_num_proc=1, **extra)
 
 
-def rows(path: Path) -> list[dict]:
-    with path.open() as handle:
-        return list(csv.DictReader(handle))
-
-
-def case_gemma_ft(args, data: Path, model_dir: Path, defaults: bool):
-    from gemma_ft.config import register_configs, to_typed
-    from gemma_ft.pipeline import prepare
+def gemma_ft_config(args, data: Path, model_dir: Path):
     from hydra import compose, initialize_config_dir
 
     from gemma_ft.cli_checks import CONF_DIR
+    from gemma_ft.config import register_configs, to_typed
 
-    register_configs()
+    batch, accumulation, optim, sampling = case_settings(args)
     overrides = [f"model.name_or_path={model_dir}", f"data.path={data}", "data.columns.system=null",
-                 "data.val_size=16", "lora.train_lm_head=false", f"train.max_steps={args.steps}",
-                 f"train.per_device_train_batch_size={args.batch}", f"train.max_seq_length={args.max_len}",
-                 "train.eval_steps=0", "train.exact_match_rows=0", "train.report_to=none", "train.save_steps=100000",
-                 "train.logging_steps=1", "optim.warmup_steps=5"]
-    if not defaults:
-        overrides.append("train.sampling=random")
+                 f"data.val_size={VAL_ROWS}", "lora.train_lm_head=false", f"train.max_steps={args.steps}",
+                 f"train.max_seq_length={args.max_len}", "train.eval_steps=0", "train.exact_match_rows=0",
+                 "train.report_to=none", "train.save_steps=100000", "train.logging_steps=1", "optim.warmup_steps=5"]
+    if batch is not None:
+        overrides += [f"train.per_device_train_batch_size={batch}", f"train.gradient_accumulation_steps={accumulation}",
+                      f"optim.name={optim}", f"train.sampling={sampling}"]
+    register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    prepared = prepare(to_typed(cfg), run_dir=Path(args.workdir) / f"run_{args.case}_{args.arch}")
-    return prepared.trainer
+        return to_typed(compose("config", overrides=overrides))
+
+
+def training_rows(args, data: Path, model_dir: Path) -> list:
+    """The rows gemma_ft trains on (its seeded hold-out removed), so that every case sees the same data."""
+    from gemma_ft.data.conversations import load_conversations, split_conversations
+
+    cfg = gemma_ft_config(args, data, model_dir)
+    return split_conversations(load_conversations(cfg.data), cfg.data.val_size, cfg.data.split_seed).train
+
+
+def case_gemma_ft(args, data: Path, model_dir: Path):
+    from gemma_ft.pipeline import prepare
+
+    cfg = gemma_ft_config(args, data, model_dir)
+    return prepare(cfg, run_dir=Path(args.workdir) / f"run_{args.case}_{args.arch}").trainer
 
 
 def case_unsloth(args, data: Path, model_dir: Path):
@@ -172,11 +210,13 @@ def case_unsloth(args, data: Path, model_dir: Path):
     model = FastModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0, target_modules=TARGETS,
                                      use_gradient_checkpointing="unsloth", random_state=3407)
     tokenizer = get_chat_template(tokenizer, chat_template="gemma-3")
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": r["input"]},
-                                            {"role": "assistant", "content": r["expected_output"]}],
-                                           tokenize=False).removeprefix("<bos>") for r in rows(data)[16:]]
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": row.user},
+                                            {"role": "assistant", "content": row.assistant}],
+                                           tokenize=False).removeprefix("<bos>")
+             for row in training_rows(args, data, model_dir)]
     trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=Dataset.from_dict({"text": texts}),
-                         args=sft_config(args, Path(args.workdir) / "unsloth", dataset_text_field="text"))
+                         args=sft_config(args, Path(args.workdir) / args.case, dataset_text_field="text",
+                                         padding_free=False))
     return train_on_responses_only(trainer, instruction_part="<start_of_turn>user\n",
                                    response_part="<start_of_turn>model\n")
 
@@ -195,10 +235,10 @@ def case_hf(args, data: Path, model_dir: Path):
     model.enable_input_require_grads()
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
                                              task_type="CAUSAL_LM"))
-    examples = rows(data)[16:]
+    examples = training_rows(args, data, model_dir)
     prompt = "<start_of_turn>user\n{}<end_of_turn>\n<start_of_turn>model\n"
-    dataset = Dataset.from_dict({"prompt": [prompt.format(r["input"]) for r in examples],
-                                 "completion": [r["expected_output"] + "<end_of_turn>\n" for r in examples]})
+    dataset = Dataset.from_dict({"prompt": [prompt.format(r.user) for r in examples],
+                                 "completion": [r.assistant + "<end_of_turn>\n" for r in examples]})
     return SFTTrainer(model=model, processing_class=tokenizer, train_dataset=dataset,
                       args=sft_config(args, Path(args.workdir) / "hf", completion_only_loss=True))
 
@@ -228,17 +268,26 @@ def flops_per_token(arch: str, n_params: int, mean_len: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--case", required=True, choices=["gemma_ft", "gemma_ft_defaults", "unsloth", "hf"])
+    parser.add_argument("--case", required=True, choices=list(CASES))
     parser.add_argument("--arch", default="270m", choices=list(ARCHS))
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-len", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=None, help="per-device batch instead of the case's")
+    parser.add_argument("--model-dir", default=None, help="this model folder instead of a random --arch one")
     parser.add_argument("--workdir", default="/tmp/bench")
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    if os.environ.get("BENCH_STACK_DUMP_S"):  # diagnosing a slow step: every thread's Python stack, periodically
+        import faulthandler
 
+        faulthandler.dump_traceback_later(float(os.environ["BENCH_STACK_DUMP_S"]), repeat=True)
+
+    from gemma_ft.compile_cache import use_persistent_compile_cache
+
+    compile_cache = use_persistent_compile_cache()  # every case shares it: the first case of an arch compiles
+    compile_cache_was_warm = compile_cache.is_dir() and any(compile_cache.iterdir())
     if args.case != "hf":
         import unsloth  # noqa: F401  (before transformers, as in every unsloth script)
     import torch
@@ -248,13 +297,16 @@ def main() -> None:
     data = work / "data.csv"
     if not data.exists():
         make_data(data)
-    model_dir = work / f"gemma3-{args.arch}-random"
-    make_model(args.arch, Path(args.tokenizer), model_dir)
+    model_dir = Path(args.model_dir) if args.model_dir else work / f"gemma3-{args.arch}-random"
+    if not args.model_dir:
+        make_model(args.arch, Path(args.tokenizer), model_dir)
 
-    torch.cuda.reset_peak_memory_stats()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     if args.case.startswith("gemma_ft"):
-        trainer = case_gemma_ft(args, data, model_dir, defaults=args.case == "gemma_ft_defaults")
-    elif args.case == "unsloth":
+        trainer = case_gemma_ft(args, data, model_dir)
+    elif args.case.startswith("unsloth"):
         trainer = case_unsloth(args, data, model_dir)
     else:
         trainer = case_hf(args, data, model_dir)
@@ -266,19 +318,33 @@ def main() -> None:
         raise SystemExit(f"only {len(meter.times)} steps ran; need more than --warmup {args.warmup}")
     timed = slice(args.warmup, None)
     seconds, tokens = sum(meter.times[timed]), sum(meter.tokens[timed])
+    gpus = int(os.environ.get("WORLD_SIZE", "1"))
+    if gpus > 1:  # under torchrun: every rank counted its own tokens; rank 0's clock times the (synchronised) steps
+        import torch.distributed as dist
+
+        total = torch.tensor([tokens], device="cuda" if cuda else "cpu")
+        dist.all_reduce(total)
+        tokens = int(total.item())
+        if dist.get_rank() != 0:
+            return
     model = trainer.model
     n_params = sum(p.numel() for p in model.parameters())
-    mean_len = tokens / max(1, len(meter.tokens[timed])) / args.batch
-    peak = matmul_peak_tflops()
+    batch = trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps * gpus
+    mean_len = tokens / max(1, len(meter.tokens[timed])) / batch
+    peak = matmul_peak_tflops() if cuda else float("nan")
     tokens_per_s = tokens / seconds
     result = {
-        "case": args.case, "arch": args.arch, "gpu": torch.cuda.get_device_name(0), "batch": args.batch,
+        "case": args.case, "arch": args.arch, "gpu": torch.cuda.get_device_name(0) if cuda else "cpu", "gpus": gpus,
+        "batch": trainer.args.per_device_train_batch_size, "grad_accum": trainer.args.gradient_accumulation_steps,
+        "optim": str(trainer.args.optim), "sampling": str(trainer.args.train_sampling_strategy),
         "steps": args.steps, "warmup_steps": args.warmup, "tokens_per_s": tokens_per_s,
-        "s_per_step": seconds / len(meter.times[timed]), "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
-        "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "s_per_step": seconds / len(meter.times[timed]),
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else float("nan"),
+        "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
         "time_to_first_step_s": meter.first_step_end, "params": n_params, "mean_tokens_per_row": mean_len,
         "bf16_peak_tflops": peak, "mfu": tokens_per_s * flops_per_token(args.arch, n_params, mean_len) / (peak * 1e12),
-        "losses": meter.losses[:20], "compile_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default"),
+        "losses": meter.losses[:20], "compile_cache": str(compile_cache), "compile_cache_was_warm": compile_cache_was_warm,
+        "compile_disabled": os.environ.get("UNSLOTH_COMPILE_DISABLE", "0") == "1",
     }
     with open(args.out, "a") as handle:
         handle.write(json.dumps(result) + "\n")

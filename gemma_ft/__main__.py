@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from gemma_ft.cli_checks import CONF_DIR
 from gemma_ft.config import register_configs
+from gemma_ft.distributed import export_slurm_environment, shared_run_dir_overrides
 from gemma_ft.errors import UserError
 
 USER_ERROR_EXIT = 2
@@ -38,6 +39,7 @@ def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     job_dir = Path(hydra_cfg.runtime.output_dir)
     if hydra_cfg.mode == RunMode.MULTIRUN:
+        export_slurm_environment()  # a SLURM job of several tasks (GPUs) becomes one torch.distributed run
         # One job's failure must not stop the others: record it, return NaN (Optuna counts it as failed).
         try:
             metrics = run(cfg, run_dir=job_dir)
@@ -68,6 +70,7 @@ def cli() -> None:
         check_overrides(sys.argv[1:])
     except UserError as exc:
         fail(str(exc))
+    sys.argv += shared_run_dir_overrides(sys.argv[1:])  # torchrun: all ranks in one run dir
     main()
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from gemma_ft.distributed import wait_for_everyone
 from gemma_ft.run_dir import COMPLETE_MARKER
 
 log = logging.getLogger(__name__)
@@ -17,6 +18,7 @@ class MarkCheckpointComplete(TrainerCallback):
     """Writes the completion marker once the trainer has finished writing a checkpoint."""
 
     def on_save(self, args, state, control, **kwargs):
+        wait_for_everyone()  # with several ranks, every rank's share (its RNG state) is written before the marker
         if state.is_world_process_zero:
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if path.is_dir():
@@ -31,6 +33,16 @@ class LogEveryFinalStep(TrainerCallback):
         if state.global_step >= state.max_steps:
             control.should_log = True
         return control
+
+
+def any_rank_received(received: str | None) -> str | None:
+    import torch
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    flag = torch.tensor([1 if received else 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return received or ("SIGTERM" if flag.item() else None)
 
 
 class StopOnSignal(TrainerCallback):
@@ -53,6 +65,8 @@ class StopOnSignal(TrainerCallback):
         log.warning("%s received: saving a checkpoint after this step, then stopping (again to abort)", self.received)
 
     def on_step_end(self, args, state, control, **kwargs):
+        if args.world_size > 1:  # ranks must stop after the same step, whichever of them saw the signal first
+            self.received = any_rank_received(self.received)
         if self.received:
             control.should_save = True
             control.should_training_stop = True

@@ -79,7 +79,7 @@ class OptimConfig:
 class TrainConfig:
     max_steps: int = 60
     num_train_epochs: float = 1.0
-    per_device_train_batch_size: int = 4
+    per_device_train_batch_size: int = 8
     per_device_eval_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     # random | group_by_length (batches of similar length: far less padding on data with a spread of lengths)

@@ -15,8 +15,10 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from gemma_ft.compile_cache import use_persistent_compile_cache
 from gemma_ft.config import Config, to_typed
 from gemma_ft.data.conversations import Split, load_conversations, split_conversations
+from gemma_ft.distributed import is_main_process, wait_for_everyone
 from gemma_ft.plots import plot_run_losses
 from gemma_ft.run_dir import check_writable, checkpoint_dir, plan_run
 from gemma_ft.validation import validate
@@ -60,9 +62,11 @@ def prepare(cfg: Any, run_dir: str | Path | None = None) -> Prepared:
     run_dir = Path(run_dir or cfg.run.dir or f"outputs/{cfg.run.name or 'run'}").resolve()
     plan = plan_run(cfg.run, run_dir)
     check_writable(run_dir, needed_bytes=0)  # writable now; room is checked once the model's size is known
-    # The typed config this run trains with: what generate/evaluate/export read back.
-    OmegaConf.save(OmegaConf.structured(cfg), run_dir / RUN_CONFIG)
+    if is_main_process():  # with several GPUs every rank runs this; rank 0 writes the run dir
+        # The typed config this run trains with: what generate/evaluate/export read back.
+        OmegaConf.save(OmegaConf.structured(cfg), run_dir / RUN_CONFIG)
 
+    use_persistent_compile_cache()
     # unsloth must be imported before transformers, trl and peft: it patches them.
     import unsloth  # noqa: F401
 
@@ -70,14 +74,27 @@ def prepare(cfg: Any, run_dir: str | Path | None = None) -> Prepared:
 
     import datasets
 
-    from gemma_ft.callbacks import LogEveryFinalStep, MarkCheckpointComplete, StopOnSignal
+    from gemma_ft.callbacks import (
+        LogEveryFinalStep,
+        MarkCheckpointComplete,
+        StopOnSignal,
+    )
     from gemma_ft.chat_template import apply_gemma3_template
-    from gemma_ft.models.loading import add_lora_adapters, load_model, load_tokenizer, resolve_model_path
-    from gemma_ft.training import build_trainer, mask_to_responses, tokenize_conversations
+    from gemma_ft.models.loading import (
+        add_lora_adapters,
+        load_model,
+        load_tokenizer,
+        resolve_model_path,
+    )
+    from gemma_ft.training import (
+        build_trainer,
+        mask_to_responses,
+        tokenize_conversations,
+    )
 
     model_path = resolve_model_path(cfg.model.name_or_path)
     check_writable(run_dir, needed_bytes=checkpoint_size_estimate(cfg, model_path))
-    if cfg.run.overwrite and plan.resume_from is None:
+    if cfg.run.overwrite and plan.resume_from is None and is_main_process():
         shutil.rmtree(checkpoint_dir(run_dir), ignore_errors=True)
     # The template is set and checked before anything renders text, so a wrong template cannot train silently.
     tokenizer = apply_gemma3_template(load_tokenizer(model_path))
@@ -103,10 +120,11 @@ def run(cfg: Any, run_dir: str | Path | None = None) -> dict:
     from gemma_ft.debug import MemoryStats, show_example
     from gemma_ft.generation import exact_match, generate_replies
 
-    if cfg.debug.show_examples:
+    main = is_main_process()  # with several GPUs: rank 0 shows, generates and saves; every rank trains and evaluates
+    if cfg.debug.show_examples and main:
         show_example(trainer, tokenizer, p.split.train, cfg.debug.example_index)
 
-    em_rows = p.split.validation[: cfg.train.exact_match_rows]
+    em_rows = p.split.validation[: cfg.train.exact_match_rows] if main else []
     replies_before = generate_replies(model, tokenizer, em_rows, cfg.train.max_new_tokens)
 
     memory = MemoryStats(cfg.debug.verbose)
@@ -137,8 +155,10 @@ def run(cfg: Any, run_dir: str | Path | None = None) -> dict:
         "eval_rows": len(trainer.eval_dataset),
         "rows_dropped_too_long": p.rows_dropped_too_long,
     }
-    save_outputs(p.run_dir, model, tokenizer, metrics, trainer.state.log_history, em_rows, replies_before,
-                 replies_after)
+    if main:
+        save_outputs(p.run_dir, model, tokenizer, metrics, trainer.state.log_history, em_rows, replies_before,
+                     replies_after)
+    wait_for_everyone()  # no rank reports done before the adapter is saved
     log.info("Done: eval_loss=%.4f, exact match %.3f -> %.3f; outputs in %s", metrics["eval_loss"],
              metrics["exact_match_before"], metrics["exact_match_after"], p.run_dir)
     return metrics

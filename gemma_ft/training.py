@@ -34,6 +34,10 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset, cfg: Config, ch
         output_dir=str(checkpoint_dir),
         max_length=t.max_seq_length,
         packing=False,
+        # unsloth would switch padding-free batches on; with this stack on an H100/H200 its first step did not end
+        # within 200 s, while padded batches run unsloth's compiled decoder blocks (0.2 s/step after compiling).
+        # train.sampling=group_by_length keeps the padding small instead.
+        padding_free=False,
         per_device_train_batch_size=t.per_device_train_batch_size,
         per_device_eval_batch_size=t.per_device_eval_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,

@@ -1,0 +1,28 @@
+# Two GPUs against one, back to back on one 2-GPU host, then the documented torchrun command interrupted and
+# resumed. Random-init Gemma 3 270M architecture, realistic-length rows, unsloth's block compile off
+# (UNSLOTH_COMPILE_DISABLE=1: the comparison is between GPU counts, not compile states). Results under $OUT.
+#   bash benchmarks/multi_gpu.sh
+set -o pipefail
+source benchmarks/gpu_setup.sh
+export UNSLOTH_COMPILE_DISABLE=1
+nvidia-smi -L
+mkdir -p $OUT/logs
+python3 -c "
+from pathlib import Path
+from benchmarks.throughput import make_data, make_model
+Path('/tmp/bench').mkdir(exist_ok=True); make_data(Path('/tmp/bench/data.csv'))
+make_model('270m', Path('$GEMMA_FT_CACHE/gemma3-tokenizer'), Path('/tmp/bench/gemma3-270m-random'))" 2>&1 | tail -1
+B="benchmarks/throughput.py --case gemma_ft --arch 270m --steps 20 --warmup 5 --model-dir /tmp/bench/gemma3-270m-random
+   --tokenizer $GEMMA_FT_CACHE/gemma3-tokenizer --out $OUT/multi_gpu.jsonl"
+CUDA_VISIBLE_DEVICES=0 timeout 170 python3 $B --workdir /tmp/w1 > $OUT/logs/gpu1_batch8.log 2>&1; echo "1 GPU x 8 rc=$?"
+timeout 170 torchrun --nproc_per_node 2 $B --workdir /tmp/w2 > $OUT/logs/gpu2_batch8.log 2>&1; echo "2 GPUs x 8 rc=$?"
+CUDA_VISIBLE_DEVICES=0 timeout 170 python3 $B --batch 16 --workdir /tmp/w3 > $OUT/logs/gpu1_batch16.log 2>&1; echo "1 GPU x 16 rc=$?"
+C="model.name_or_path=/tmp/bench/gemma3-270m-random data.path=/tmp/bench/data.csv data.columns.system=null
+   data.val_size=16 lora.train_lm_head=false train.max_steps=20 train.per_device_train_batch_size=8 train.sampling=random
+   train.max_seq_length=2048 train.eval_steps=0 train.exact_match_rows=4 train.max_new_tokens=16 train.report_to=none
+   train.save_steps=10 train.logging_steps=1 optim.warmup_steps=5 debug.verbose=true run.dir=/tmp/ddp_run"
+timeout 170 torchrun --nproc_per_node 2 -m tests.helpers.interrupted_cli sigterm 10 $C > $OUT/logs/ddp_interrupted.log 2>&1
+echo "interrupted rc=$? checkpoints: $(ls /tmp/ddp_run/checkpoints)"
+timeout 170 torchrun --nproc_per_node 2 -m gemma_ft $C > $OUT/logs/ddp_resumed.log 2>&1; echo "resumed rc=$?"
+cp /tmp/ddp_run/metrics.json /tmp/ddp_run/history.json $OUT/logs/ 2>/dev/null; ls /tmp/ddp_run
+cut -c1-400 $OUT/multi_gpu.jsonl

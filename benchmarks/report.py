@@ -1,0 +1,69 @@
+"""Turn results.jsonl (one line per case and arch) into results JSON + a Markdown table with the target ratios.
+
+    python benchmarks/report.py RESULTS.jsonl OUT_PREFIX     # writes OUT_PREFIX.json and OUT_PREFIX.md
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ORDER = ["gemma_ft", "gemma_ft_defaults", "unsloth", "unsloth_notebook", "hf"]
+# (name, numerator case, denominator case, field, target, "ge" | "le")
+RATIOS = [
+    ("gemma_ft / unsloth tokens/s, same batch (framework overhead)", "gemma_ft", "unsloth", "tokens_per_s", 0.97, "ge"),
+    ("gemma_ft / hf tokens/s", "gemma_ft", "hf", "tokens_per_s", 1.8, "ge"),
+    ("gemma_ft / hf peak reserved memory", "gemma_ft", "hf", "peak_reserved_gib", 0.75, "le"),
+    ("gemma_ft defaults / unsloth notebook tokens/s", "gemma_ft_defaults", "unsloth_notebook", "tokens_per_s", 1.2, "ge"),
+]
+
+
+def loss_gap(a: list[float], b: list[float]) -> float:
+    """Largest relative difference between two loss curves over their common first steps (at most 20)."""
+    n = min(len(a), len(b), 20)
+    return max(abs(x - y) / abs(y) for x, y in zip(a[:n], b[:n])) if n else float("nan")
+
+
+def main(results_path: str, out_prefix: str) -> None:
+    results = [json.loads(line) for line in Path(results_path).read_text().splitlines() if line.strip()]
+    by_key = {(r["arch"], r["case"]): r for r in results}
+    archs = list(dict.fromkeys(r["arch"] for r in results))
+    lines = [f"GPU: {results[0]['gpu']}; measured bf16 matmul peak {results[0]['bf16_peak_tflops']:.0f} TFLOP/s.", "",
+             "| arch | case | batch x accum | sampling | optim | tokens/s | s/step | peak reserved GiB | MFU | "
+             "first step after start, s (compile cache) |",
+             "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    for arch in archs:
+        for case in ORDER:
+            r = by_key.get((arch, case))
+            if r is None:
+                continue
+            cache = "warm" if r["compile_cache_was_warm"] else "cold"
+            if case == "hf":
+                cache = "no compile"
+            lines.append(f"| {arch} | {case} | {r['batch']} x {r['grad_accum']} | {r['sampling']} | {r['optim']} | "
+                         f"{r['tokens_per_s']:,.0f} | {r['s_per_step']:.3f} | {r['peak_reserved_gib']:.2f} | "
+                         f"{100 * r['mfu']:.1f}% | {r['time_to_first_step_s']:.0f} ({cache}) |")
+    lines += ["", "| arch | ratio | measured | target | met |", "| --- | --- | ---: | ---: | --- |"]
+    checks = []
+    for arch in archs:
+        for name, num, den, field, target, sense in RATIOS:
+            if (arch, num) in by_key and (arch, den) in by_key:
+                value = by_key[(arch, num)][field] / by_key[(arch, den)][field]
+                met = value >= target if sense == "ge" else value <= target
+                checks.append({"arch": arch, "ratio": name, "value": value, "target": target, "met": met})
+                lines.append(f"| {arch} | {name} | {value:.3f} | {'>=' if sense == 'ge' else '<='} {target} | "
+                             f"{'yes' if met else 'no'} |")
+        if (arch, "gemma_ft") in by_key and (arch, "unsloth") in by_key:
+            gap = loss_gap(by_key[(arch, "gemma_ft")]["losses"], by_key[(arch, "unsloth")]["losses"])
+            checks.append({"arch": arch, "ratio": "loss curve gap, first 20 steps", "value": gap, "target": 0.01,
+                           "met": gap <= 0.01})
+            lines.append(f"| {arch} | largest relative loss difference gemma_ft vs unsloth, first 20 steps | "
+                         f"{100 * gap:.3f}% | <= 1% | {'yes' if gap <= 0.01 else 'no'} |")
+    Path(f"{out_prefix}.json").write_text(json.dumps({"results": results, "checks": checks}, indent=1) + "\n")
+    Path(f"{out_prefix}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

@@ -1,0 +1,60 @@
+"""Several GPUs through torchrun (or accelerate launch, or a SLURM job): one run dir, rank 0 writes the results.
+
+Every rank runs the same pipeline; transformers' Trainer wraps the model in DDP and shards the batches. These
+helpers keep the parts that are not the Trainer's (run dir, summaries, exact-match generation) on rank 0.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def wait_for_everyone() -> None:
+    """A barrier across ranks (a no-op in a single process); starts the process group if nobody has yet."""
+    if world_size() > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+
+
+def launcher_start_time() -> float:
+    """When this rank's launcher (torchrun's agent: every local rank's parent) started, in seconds since the epoch.
+
+    Hydra would stamp each rank's run dir with that rank's own start time; the launcher's is the same for all.
+    """
+    ticks = int(Path(f"/proc/{os.getppid()}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                if line.startswith("btime"))
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def shared_run_dir_overrides(overrides: list[str]) -> list[str]:
+    """Extra Hydra overrides that make every rank of a torchrun launch use one run dir and write it once."""
+    if world_size() <= 1:
+        return []
+    extra = []
+    if not any(o.split("=", 1)[0].lstrip("+~") in ("run.dir", "run.name", "hydra.run.dir") for o in overrides):
+        extra.append("hydra.run.dir=outputs/" + time.strftime("%Y-%m-%d/%H-%M-%S", time.localtime(launcher_start_time())))
+    if not is_main_process():
+        # Rank 0 writes .hydra/ and the run's log file; the other ranks log to the console only.
+        extra += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
+    return extra
+
+
+def export_slurm_environment() -> None:
+    """In a SLURM job of several tasks (hydra/launcher=slurm, tasks_per_node > 1), set torch's RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR and MASTER_PORT from SLURM's variables, as torchrun would."""
+    if "SUBMITIT_EXECUTOR" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "RANK" not in os.environ:
+        import submitit
+
+        submitit.helpers.TorchDistributedEnvironment().export()
