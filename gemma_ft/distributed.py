@@ -51,10 +51,13 @@ def shared_run_dir_overrides(overrides: list[str]) -> list[str]:
     return extra
 
 
-def export_slurm_environment() -> None:
-    """In a SLURM job of several tasks (hydra/launcher=slurm, tasks_per_node > 1), set torch's RANK, WORLD_SIZE,
-    LOCAL_RANK, MASTER_ADDR and MASTER_PORT from SLURM's variables, as torchrun would."""
-    if "SUBMITIT_EXECUTOR" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "RANK" not in os.environ:
-        import submitit
+def export_submitit_environment() -> None:
+    """In a submitit job of several tasks (hydra/launcher=slurm with tasks_per_node > 1, or submitit_local), set
+    torch's RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT from the job's own variables, as torchrun would."""
+    if "SUBMITIT_EXECUTOR" not in os.environ or "RANK" in os.environ:
+        return
+    import submitit
 
-        submitit.helpers.TorchDistributedEnvironment().export()
+    if submitit.JobEnvironment().num_tasks > 1:
+        # Every task keeps seeing all of the node's GPUs: LOCAL_RANK picks its own.
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)

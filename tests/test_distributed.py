@@ -1,0 +1,61 @@
+"""Several ranks (torchrun; here 2 CPU processes over gloo): one run dir, written by rank 0, same losses as one
+process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from gemma_ft.distributed import shared_run_dir_overrides
+from gemma_ft.pipeline import run
+from tests.conftest import TINY, chess_rows, typed_config, write_csv
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 4
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [e["loss"] for e in json.loads((run_dir / "history.json").read_text()) if "loss" in e]
+
+
+def test_two_ranks_share_one_run_dir_and_train_like_one_process_with_the_same_global_batch(tmp_path):
+    data = write_csv(tmp_path / "chess.csv", chess_rows(64))
+    common = [*TINY, f"data.path={data}", "data.val_size=8", "train.sampling=random", f"train.max_steps={STEPS}",
+              "train.save_steps=2"]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "gemma_ft",
+                           *common, "train.per_device_train_batch_size=2"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    # No run.name given: both ranks still chose the same timestamped dir (their launcher's start time).
+    run_dirs = [p.parent for p in (tmp_path / "outputs").glob("*/*/metrics.json")]
+    assert len(list((tmp_path / "outputs").glob("*/*"))) == 1 and len(run_dirs) == 1
+    run_dir = run_dirs[0]
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file() and (run_dir / ".hydra").is_dir()
+    checkpoint = run_dir / "checkpoints" / f"checkpoint-{STEPS}"
+    assert {"rng_state_0.pth", "rng_state_1.pth", "gemma_ft_complete"} <= {p.name for p in checkpoint.iterdir()}
+    history = json.loads((run_dir / "history.json").read_text())
+    assert history[0]["num_tokens"] > 0
+
+    # One process with the per-device batch doubled sees the same rows per step: the same loss curve.
+    single = tmp_path / "single"
+    run(typed_config([*common, "train.per_device_train_batch_size=4"]), run_dir=single)
+    two_ranks, one = losses(run_dir), losses(single)
+    assert len(two_ranks) == len(one) == STEPS
+    assert max(abs(a - b) / b for a, b in zip(two_ranks, one)) < 0.02
+
+
+def test_run_dir_is_shared_only_under_a_multi_process_launch(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert shared_run_dir_overrides([]) == []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert shared_run_dir_overrides(["run.name=mine"]) == []
+    (stamped,) = shared_run_dir_overrides([])
+    assert stamped.startswith("hydra.run.dir=outputs/")
+    monkeypatch.setenv("RANK", "1")
+    assert shared_run_dir_overrides(["run.dir=/x"]) == ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
