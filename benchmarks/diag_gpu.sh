@@ -1,4 +1,5 @@
 # Diagnosis only (timings overlap): why is an unsloth step slow on variable-length rows? Logs under $OUT.
+# Needs py-spy in .whl (pip download py-spy --no-deps --only-binary=:all: -d .whl). Results: README "Performance".
 source benchmarks/gpu_setup.sh
 python3 -c "
 from pathlib import Path

@@ -284,12 +284,14 @@ def main() -> None:
 
         faulthandler.dump_traceback_later(float(os.environ["BENCH_STACK_DUMP_S"]), repeat=True)
 
-    from gemma_ft.compile_cache import use_persistent_compile_cache
+    from gemma_ft.models.builtin import cache_dir
 
-    compile_cache = use_persistent_compile_cache()  # every case shares it: the first case of an arch compiles
-    compile_cache_was_warm = compile_cache.is_dir() and any(compile_cache.iterdir())
+    compile_cache = cache_dir() / "compile"  # every case shares it: the first case of an arch compiles
+    compile_cache_was_warm = compile_cache.is_dir() and any(compile_cache.rglob("*.*"))
     if args.case != "hf":
-        import unsloth  # noqa: F401  (before transformers, as in every unsloth script)
+        from gemma_ft.compile_cache import import_unsloth_with_persistent_compile_cache
+
+        import_unsloth_with_persistent_compile_cache()  # as gemma_ft and every unsloth script: before transformers
     import torch
 
     work = Path(args.workdir)

@@ -15,7 +15,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from gemma_ft.compile_cache import use_persistent_compile_cache
+from gemma_ft.compile_cache import import_unsloth_with_persistent_compile_cache
 from gemma_ft.config import Config, to_typed
 from gemma_ft.data.conversations import Split, load_conversations, split_conversations
 from gemma_ft.distributed import is_main_process, wait_for_everyone
@@ -66,9 +66,7 @@ def prepare(cfg: Any, run_dir: str | Path | None = None) -> Prepared:
         # The typed config this run trains with: what generate/evaluate/export read back.
         OmegaConf.save(OmegaConf.structured(cfg), run_dir / RUN_CONFIG)
 
-    use_persistent_compile_cache()
-    # unsloth must be imported before transformers, trl and peft: it patches them.
-    import unsloth  # noqa: F401
+    import_unsloth_with_persistent_compile_cache()
 
     release_accelerator_memory()  # a sweep's earlier job in this process must not count against this one
 

@@ -59,3 +59,16 @@ def test_run_dir_is_shared_only_under_a_multi_process_launch(monkeypatch):
     assert stamped.startswith("hydra.run.dir=outputs/")
     monkeypatch.setenv("RANK", "1")
     assert shared_run_dir_overrides(["run.dir=/x"]) == ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
+
+
+def test_slurm_jobs_start_one_task_per_requested_gpu():
+    from hydra import compose, initialize_config_dir
+
+    from gemma_ft.cli_checks import CONF_DIR
+    from gemma_ft.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=4"],
+                      return_hydra_config=True)
+    assert cfg.hydra.launcher.gpus_per_node == cfg.hydra.launcher.tasks_per_node == 4
