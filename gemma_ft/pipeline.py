@@ -72,23 +72,10 @@ def prepare(cfg: Any, run_dir: str | Path | None = None) -> Prepared:
 
     import datasets
 
-    from gemma_ft.callbacks import (
-        LogEveryFinalStep,
-        MarkCheckpointComplete,
-        StopOnSignal,
-    )
+    from gemma_ft.callbacks import LogEveryFinalStep, MarkCheckpointComplete, StopOnSignal
     from gemma_ft.chat_template import apply_gemma3_template
-    from gemma_ft.models.loading import (
-        add_lora_adapters,
-        load_model,
-        load_tokenizer,
-        resolve_model_path,
-    )
-    from gemma_ft.training import (
-        build_trainer,
-        mask_to_responses,
-        tokenize_conversations,
-    )
+    from gemma_ft.models.loading import add_lora_adapters, load_model, load_tokenizer, resolve_model_path
+    from gemma_ft.training import build_trainer, mask_to_responses, tokenize_conversations
 
     model_path = resolve_model_path(cfg.model.name_or_path)
     check_writable(run_dir, needed_bytes=checkpoint_size_estimate(cfg, model_path))
