@@ -21,25 +21,33 @@ def losses(run_dir: Path) -> list[float]:
     return [e["loss"] for e in json.loads((run_dir / "history.json").read_text()) if "loss" in e]
 
 
-def test_two_ranks_share_one_run_dir_and_train_like_one_process_with_the_same_global_batch(tmp_path):
+def torchrun(cwd: Path, mode: str, step: int, *overrides: str) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 -m gemma_ft ...` (through the test helper that can interrupt it)."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "-m", "tests.helpers.interrupted_cli", mode, str(step), *overrides],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_two_ranks_share_one_run_dir_stop_resume_and_train_like_one_process_with_the_same_global_batch(tmp_path):
     data = write_csv(tmp_path / "chess.csv", chess_rows(64))
     common = [*TINY, f"data.path={data}", "data.val_size=8", "train.sampling=random", f"train.max_steps={STEPS}",
               "train.save_steps=2"]
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "gemma_ft",
-                           *common, "train.per_device_train_batch_size=2"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
 
+    # SIGTERM at the end of step 2 (on both ranks): every rank stops after step 3 and checkpoint-3 is saved.
+    stopped = torchrun(tmp_path, "sigterm", 2, *common, "train.per_device_train_batch_size=2")
+    assert stopped.returncode != 0 and "resume" in stopped.stderr, stopped.stderr[-3000:]
     # No run.name given: both ranks still chose the same timestamped dir (their launcher's start time).
-    run_dirs = [p.parent for p in (tmp_path / "outputs").glob("*/*/metrics.json")]
-    assert len(list((tmp_path / "outputs").glob("*/*"))) == 1 and len(run_dirs) == 1
-    run_dir = run_dirs[0]
-    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file() and (run_dir / ".hydra").is_dir()
-    checkpoint = run_dir / "checkpoints" / f"checkpoint-{STEPS}"
+    [run_dir] = list((tmp_path / "outputs").glob("*/*"))
+    checkpoint = run_dir / "checkpoints" / "checkpoint-3"
     assert {"rng_state_0.pth", "rng_state_1.pth", "gemma_ft_complete"} <= {p.name for p in checkpoint.iterdir()}
-    history = json.loads((run_dir / "history.json").read_text())
-    assert history[0]["num_tokens"] > 0
+    assert not (run_dir / "metrics.json").exists()
+
+    resumed = torchrun(tmp_path, "none", 0, *common, "train.per_device_train_batch_size=2", f"run.dir={run_dir}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resuming from {checkpoint}" in resumed.stderr + resumed.stdout
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file() and (run_dir / ".hydra").is_dir()
+    assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == STEPS
 
     # One process with the per-device batch doubled sees the same rows per step: the same loss curve.
     single = tmp_path / "single"

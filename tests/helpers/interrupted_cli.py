@@ -5,6 +5,7 @@
 MODE: sigkill-after-save  SIGKILL once checkpoint-STEP is completely written
       sigkill-during-save SIGKILL while checkpoint-STEP is being written (weights saved, trainer state not yet)
       sigint / sigterm    send that signal to itself at the end of step STEP
+      none                no interruption (for a resumed run of several CPU ranks, see cpu_ranks_load_on_cpu)
 """
 
 from __future__ import annotations
@@ -33,6 +34,23 @@ class Interrupt(TrainerCallback):
             os.kill(os.getpid(), signal.SIGINT if self.mode == "sigint" else signal.SIGTERM)
 
 
+def cpu_ranks_load_on_cpu() -> None:
+    """Several ranks on CPU processes only: transformers loads a resumed optimizer state with map_location=
+    args.device, which is torch.device("cpu", 0) there, and torch cannot map to "cpu:0". On GPUs it is cuda:N."""
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or torch.cuda.is_available():
+        return
+    load = torch.load
+
+    def load_on_cpu(*args, map_location=None, **kwargs):
+        if isinstance(map_location, torch.device) and map_location.type == "cpu":
+            map_location = "cpu"
+        return load(*args, map_location=map_location, **kwargs)
+
+    torch.load = load_on_cpu
+
+
 def main() -> None:
     mode, step, overrides = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     build_trainer = training.build_trainer
@@ -43,6 +61,7 @@ def main() -> None:
         return trainer
 
     training.build_trainer = build_with_interrupt
+    cpu_ranks_load_on_cpu()
     if mode == "sigkill-during-save":
         save_rng_state = Trainer._save_rng_state
 
