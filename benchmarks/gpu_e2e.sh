@@ -7,10 +7,8 @@ set -o pipefail
 source benchmarks/gpu_setup.sh
 common="train.exact_match_rows=4 train.max_new_tokens=16 train.report_to=none debug.verbose=true"
 bench_data="data.path=/tmp/bench/data.csv data.columns.system=null data.val_size=16 train.max_seq_length=2048"
-arch_model() {
-  python3 -c "from pathlib import Path; from benchmarks.throughput import make_data, make_model
-Path('/tmp/bench').mkdir(exist_ok=True); make_data(Path('/tmp/bench/data.csv'))
-make_model('$1', Path('$GEMMA_FT_CACHE/gemma3-tokenizer'), Path('/tmp/bench/gemma3-$1-random'))" 2>&1 | tail -1
+arch_model() {  # /tmp/bench/data.csv and /tmp/bench/gemma3-<arch>-random
+  python3 benchmarks/throughput.py --prepare-only --arch $1 --tokenizer $GEMMA_FT_CACHE/gemma3-tokenizer 2>&1 | tail -1
 }
 if [ "$1" = 16bit ]; then
   arch_model 270m

@@ -7,11 +7,7 @@ source benchmarks/gpu_setup.sh
 export UNSLOTH_COMPILE_DISABLE=1
 nvidia-smi -L
 mkdir -p $OUT/logs
-python3 -c "
-from pathlib import Path
-from benchmarks.throughput import make_data, make_model
-Path('/tmp/bench').mkdir(exist_ok=True); make_data(Path('/tmp/bench/data.csv'))
-make_model('270m', Path('$GEMMA_FT_CACHE/gemma3-tokenizer'), Path('/tmp/bench/gemma3-270m-random'))" 2>&1 | tail -1
+python3 benchmarks/throughput.py --prepare-only --arch 270m --tokenizer $GEMMA_FT_CACHE/gemma3-tokenizer 2>&1 | tail -1
 B="benchmarks/throughput.py --case gemma_ft --arch 270m --steps 20 --warmup 5 --model-dir /tmp/bench/gemma3-270m-random
    --tokenizer $GEMMA_FT_CACHE/gemma3-tokenizer --out $OUT/multi_gpu.jsonl"
 CUDA_VISIBLE_DEVICES=0 timeout 170 python3 $B --workdir /tmp/w1 > $OUT/logs/gpu1_batch8.log 2>&1; echo "1 GPU x 8 rc=$?"

@@ -266,9 +266,23 @@ def flops_per_token(arch: str, n_params: int, mean_len: float) -> float:
     return 4 * n_params + 12 * layers * heads * head_dim * context
 
 
+def prepare_inputs(args) -> tuple[Path, Path]:
+    """The CSV in --workdir and the model (--model-dir, or a random --arch one built there once)."""
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "data.csv"
+    if not data.exists():
+        make_data(data)
+    model_dir = Path(args.model_dir) if args.model_dir else work / f"gemma3-{args.arch}-random"
+    if not args.model_dir:
+        make_model(args.arch, Path(args.tokenizer), model_dir)
+    return data, model_dir
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--case", required=True, choices=list(CASES))
+    parser.add_argument("--case", choices=list(CASES), help="required unless --prepare-only")
+    parser.add_argument("--prepare-only", action="store_true", help="write the data and the random model, then stop")
     parser.add_argument("--arch", default="270m", choices=list(ARCHS))
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
@@ -277,8 +291,13 @@ def main() -> None:
     parser.add_argument("--model-dir", default=None, help="this model folder instead of a random --arch one")
     parser.add_argument("--workdir", default="/tmp/bench")
     parser.add_argument("--tokenizer", required=True)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out")
     args = parser.parse_args()
+    if args.prepare_only:
+        prepare_inputs(args)
+        return
+    if not (args.case and args.out):
+        parser.error("--case and --out are required (or --prepare-only)")
     if os.environ.get("BENCH_STACK_DUMP_S"):  # diagnosing a slow step: every thread's Python stack, periodically
         import faulthandler
 
@@ -294,15 +313,7 @@ def main() -> None:
         import_unsloth_with_persistent_compile_cache()  # as gemma_ft and every unsloth script: before transformers
     import torch
 
-    work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    data = work / "data.csv"
-    if not data.exists():
-        make_data(data)
-    model_dir = Path(args.model_dir) if args.model_dir else work / f"gemma3-{args.arch}-random"
-    if not args.model_dir:
-        make_model(args.arch, Path(args.tokenizer), model_dir)
-
+    data, model_dir = prepare_inputs(args)
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()

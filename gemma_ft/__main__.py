@@ -19,16 +19,10 @@ from omegaconf import DictConfig
 from gemma_ft.cli_checks import CONF_DIR
 from gemma_ft.config import register_configs
 from gemma_ft.distributed import export_submitit_environment, is_main_process, shared_run_dir_overrides
-from gemma_ft.errors import UserError
+from gemma_ft.errors import UserError, fail
 
-USER_ERROR_EXIT = 2
 # The shell's convention for a process stopped by a signal: 128 + signal number.
 INTERRUPTED_EXIT = {"SIGINT": 130, "SIGTERM": 143}
-
-
-def fail(message: str) -> None:
-    print(f"gemma_ft: error: {message}", file=sys.stderr)
-    sys.exit(USER_ERROR_EXIT)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -57,7 +51,7 @@ def main(cfg: DictConfig) -> float:
     except UserError as exc:
         if cfg.debug.traceback:
             raise
-        fail(str(exc))
+        fail("gemma_ft", str(exc))
     except RunInterrupted as exc:
         print(f"gemma_ft: {exc}", file=sys.stderr)
         sys.exit(INTERRUPTED_EXIT[exc.signal_name])
@@ -71,7 +65,7 @@ def cli() -> None:
     try:
         check_overrides(sys.argv[1:])
     except UserError as exc:
-        fail(str(exc))
+        fail("gemma_ft", str(exc))
     sys.argv += shared_run_dir_overrides(sys.argv[1:])  # torchrun: all ranks in one run dir
     main()
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from gemma_ft.distributed import wait_for_everyone
+from gemma_ft.distributed import any_rank_received, wait_for_everyone
 from gemma_ft.run_dir import COMPLETE_MARKER
 
 log = logging.getLogger(__name__)
@@ -33,16 +33,6 @@ class LogEveryFinalStep(TrainerCallback):
         if state.global_step >= state.max_steps:
             control.should_log = True
         return control
-
-
-def any_rank_received(received: str | None) -> str | None:
-    import torch
-    import torch.distributed as dist
-
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    flag = torch.tensor([1 if received else 0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return received or ("SIGTERM" if flag.item() else None)
 
 
 class StopOnSignal(TrainerCallback):

@@ -27,6 +27,17 @@ def wait_for_everyone() -> None:
         PartialState().wait_for_everyone()
 
 
+def any_rank_received(received: str | None) -> str | None:
+    """The signal this rank received, else "SIGTERM" if any other rank received one (all ranks must call it)."""
+    import torch
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    flag = torch.tensor([1 if received else 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return received or ("SIGTERM" if flag.item() else None)
+
+
 def launcher_start_time() -> float:
     """When this rank's launcher (torchrun's agent: every local rank's parent) started, in seconds since the epoch.
 

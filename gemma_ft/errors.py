@@ -1,5 +1,16 @@
 """Errors caused by the user's input. The CLI prints their message on one line and exits with status 2."""
 
+import sys
+from typing import NoReturn
+
+USER_ERROR_EXIT = 2
+
+
+def fail(program: str, message: str) -> NoReturn:
+    """End the command on a user's mistake: one line on stderr, exit status 2."""
+    print(f"{program}: error: {message}", file=sys.stderr)
+    sys.exit(USER_ERROR_EXIT)
+
 
 class UserError(Exception):
     """Base class: the message names the key, file, column or row, and the fix."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from gemma_ft.cli_checks import CONF_DIR
-from gemma_ft.errors import UserError
+from gemma_ft.errors import UserError, fail
 
 
 @dataclass
@@ -85,8 +84,7 @@ def main(cfg) -> None:
     try:
         evaluate_run(cfg.run, cfg.file, cfg.max_new_tokens, cfg.batch_size)
     except UserError as exc:
-        print(f"gemma_ft.evaluate: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        fail("gemma_ft.evaluate", str(exc))
 
 
 if __name__ == "__main__":

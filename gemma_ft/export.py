@@ -7,7 +7,6 @@ plain transformers (no peft). GGUF for llama.cpp/Ollama is not written here (see
 from __future__ import annotations
 
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from gemma_ft.cli_checks import CONF_DIR
-from gemma_ft.errors import UserError
+from gemma_ft.errors import UserError, fail
 
 
 @dataclass
@@ -65,8 +64,7 @@ def main(cfg) -> None:
     try:
         export_merged(cfg.run, cfg.output, cfg.dtype)
     except UserError as exc:
-        print(f"gemma_ft.export: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        fail("gemma_ft.export", str(exc))
 
 
 if __name__ == "__main__":

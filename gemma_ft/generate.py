@@ -10,7 +10,6 @@ The chat template and system prompt are the ones the run trained with; sampling 
 from __future__ import annotations
 
 import csv
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -20,7 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from gemma_ft.cli_checks import CONF_DIR
-from gemma_ft.errors import UserError
+from gemma_ft.errors import UserError, fail
 
 
 @dataclass
@@ -153,8 +152,7 @@ def main(cfg) -> None:
     try:
         generate(OmegaConf.to_object(cfg))
     except UserError as exc:
-        print(f"gemma_ft.generate: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        fail("gemma_ft.generate", str(exc))
 
 
 if __name__ == "__main__":

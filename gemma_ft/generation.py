@@ -19,6 +19,8 @@ def generate_replies(model, tokenizer, conversations: list[Conversation], max_ne
         return []
     prompts = [render_text(tokenizer, c.messages(include_reply=False), add_generation_prompt=True)
                for c in conversations]
+    settings = {**(sampling or {"do_sample": False, "eos_token_id": stop_token_ids(tokenizer),
+                                "pad_token_id": tokenizer.pad_token_id}), "max_new_tokens": max_new_tokens}
     replies: list[str] = []
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues from the right end of every row
@@ -28,9 +30,7 @@ def generate_replies(model, tokenizer, conversations: list[Conversation], max_ne
         for start in range(0, len(prompts), batch_size):
             batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True).to(model.device)
             with torch.inference_mode():
-                settings = sampling or {"do_sample": False, "eos_token_id": stop_token_ids(tokenizer),
-                                        "pad_token_id": tokenizer.pad_token_id}
-                out = model.generate(**batch, **{**settings, "max_new_tokens": max_new_tokens})
+                out = model.generate(**batch, **settings)
             new_tokens = out[:, batch["input_ids"].shape[1]:]
             replies.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     finally:
