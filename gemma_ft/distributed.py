@@ -1,4 +1,4 @@
-"""Several GPUs through torchrun (or accelerate launch, or a SLURM job): one run dir, rank 0 writes the results.
+"""Several GPUs through torchrun (or a SLURM job of several tasks): one run dir, rank 0 writes the results.
 
 Every rank runs the same pipeline; transformers' Trainer wraps the model in DDP and shards the batches. These
 helpers keep the parts that are not the Trainer's (run dir, summaries, exact-match generation) on rank 0.
