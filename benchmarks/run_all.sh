@@ -1,14 +1,22 @@
 # Every case back to back on the same GPU, one process each, starting from an empty compile cache (the first case
-# shows the cold start, the rest the warm one). Results: $OUT/results.jsonl, $OUT/report.{json,md}; logs in $OUT.
+# shows the cold start, the rest the warm one; name a case twice to time its warm start). Results:
+# $OUT/results.jsonl, $OUT/report_ARCH.{json,md}; one log per case in $OUT.
 #   bash benchmarks/run_all.sh 270m 25      (arch, optimizer steps; the first WARMUP steps are not timed)
+# CASES, CASE_TIMEOUT (s per case), DEADLINE (s for the whole script: later cases get what is left) and
+# KEEP_COMPILE_CACHE=1 (do not empty it first) are read from the environment.
 set -o pipefail
 source benchmarks/gpu_setup.sh
 arch=${1:-270m}; steps=${2:-25}
-rm -rf $GEMMA_FT_CACHE/compile
+[ "${KEEP_COMPILE_CACHE:-0}" = 1 ] || rm -rf $GEMMA_FT_CACHE/compile
+run=0
 for case in ${CASES:-gemma_ft unsloth unsloth_notebook gemma_ft_defaults hf}; do
-  timeout ${CASE_TIMEOUT:-900} python3 benchmarks/throughput.py --case $case --arch $arch --steps $steps \
-      --warmup ${WARMUP:-5} --tokenizer $GEMMA_FT_CACHE/gemma3-tokenizer --out $OUT/results.jsonl \
-      > $OUT/bench_${arch}_$case.log 2>&1
-  echo "$case rc=$? $(grep -c '\[bench\] step' $OUT/bench_${arch}_$case.log) steps"
+  run=$((run + 1))
+  limit=${CASE_TIMEOUT:-900}
+  if [ -n "$DEADLINE" ]; then left=$((DEADLINE - SECONDS)); [ $left -lt $limit ] && limit=$left; fi
+  [ $limit -gt 30 ] || { echo "$case skipped: no time left"; continue; }
+  log=$OUT/bench_${arch}_${run}_$case.log
+  timeout $limit python3 benchmarks/throughput.py --case $case --arch $arch --steps $steps \
+      --warmup ${WARMUP:-5} --tokenizer $GEMMA_FT_CACHE/gemma3-tokenizer --out $OUT/results.jsonl > $log 2>&1
+  echo "$case rc=$? $(grep -c '\[bench\] step' $log) steps in ${limit}s limit"
 done
 python3 benchmarks/report.py $OUT/results.jsonl $OUT/report_$arch

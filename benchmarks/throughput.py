@@ -292,6 +292,8 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/bench")
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--out")
+    parser.add_argument("--ddp-find-unused-parameters", action="store_true",
+                        help="under torchrun: let DDP search for unused parameters (the Trainer's default for PEFT)")
     args = parser.parse_args()
     if args.prepare_only:
         prepare_inputs(args)
@@ -323,6 +325,10 @@ def main() -> None:
         trainer = case_unsloth(args, data, model_dir)
     else:
         trainer = case_hf(args, data, model_dir)
+    if args.ddp_find_unused_parameters:
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        trainer.accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
     meter = Meter()
     meter.wrap(trainer)
     trainer.train()
@@ -358,6 +364,8 @@ def main() -> None:
         "bf16_peak_tflops": peak, "mfu": tokens_per_s * flops_per_token(args.arch, n_params, mean_len) / (peak * 1e12),
         "losses": meter.losses[:20], "compile_cache": str(compile_cache), "compile_cache_was_warm": compile_cache_was_warm,
         "compile_disabled": os.environ.get("UNSLOTH_COMPILE_DISABLE", "0") == "1",
+        "ddp_find_unused_parameters": bool(gpus > 1 and trainer.accelerator.ddp_handler
+                                           and trainer.accelerator.ddp_handler.find_unused_parameters),
     }
     with open(args.out, "a") as handle:
         handle.write(json.dumps(result) + "\n")

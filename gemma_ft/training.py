@@ -38,6 +38,9 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset, cfg: Config, ch
         # within 200 s, while padded batches run unsloth's compiled decoder blocks (0.2 s/step after compiling).
         # train.sampling=group_by_length keeps the padding small instead.
         padding_free=False,
+        # The Trainer asks DDP to search for unused parameters whenever the model is a PeftModel: a walk of the
+        # autograd graph every step on several GPUs. Every LoRA weight is used in every forward pass, so skip it.
+        ddp_find_unused_parameters=False,
         per_device_train_batch_size=t.per_device_train_batch_size,
         per_device_eval_batch_size=t.per_device_eval_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
