@@ -1,4 +1,7 @@
-"""Turn results.jsonl (one line per case and arch) into results JSON + a Markdown table with the target ratios.
+"""Turn results.jsonl (one line per case run) into results JSON + a Markdown table with the target ratios.
+
+A case run several times counts with the mean of its runs: run-to-run spread between processes on these hosts
+was up to 14% (two identical gemma_ft runs, 2026-11-26), so compare A B A B runs, not one of each.
 
     python benchmarks/report.py RESULTS.jsonl OUT_PREFIX     # writes OUT_PREFIX.json and OUT_PREFIX.md
 """
@@ -23,6 +26,11 @@ RATIOS = [
 ]
 
 
+def mean(runs: list[dict], field: str) -> float:
+    """A case run several times (alternating with the case it is compared with): the mean over its runs."""
+    return sum(r[field] for r in runs) / len(runs)
+
+
 def loss_gap(a: list[float], b: list[float]) -> float:
     """Largest relative difference between two loss curves over their common first steps (at most 20)."""
     n = min(len(a), len(b), 20)
@@ -31,29 +39,35 @@ def loss_gap(a: list[float], b: list[float]) -> float:
 
 def main(results_path: str, out_prefix: str) -> None:
     results = [json.loads(line) for line in Path(results_path).read_text().splitlines() if line.strip()]
-    by_key = {(r["arch"], r["case"]): r for r in results}  # a case run twice (cold, then warm): the later run
+    runs: dict[tuple, list[dict]] = {}
+    for r in results:
+        runs.setdefault((r["arch"], r["case"]), []).append(r)
     archs = list(dict.fromkeys(r["arch"] for r in results))
     lines = [f"GPU: {results[0]['gpu']}; measured bf16 matmul peak {results[0]['bf16_peak_tflops']:.0f} TFLOP/s.", "",
-             "| arch | case | batch x accum | sampling | optim | tokens/s | s/step | peak reserved GiB | MFU | "
-             "first step after start, s (compile cache) |",
+             ("| arch | case | batch x accum | sampling | optim | tokens/s | s/step (median) | peak reserved GiB | MFU | "
+              "first step after start, s (compile cache) |"),
              "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- |"]
     for r in sorted(results, key=lambda r: (archs.index(r["arch"]), ORDER.index(r["case"]))):  # stable: cold first
+        median = f"{r['median_s_per_step']:.3f}" if "median_s_per_step" in r else "-"  # older results lack it
         cache = "no compile" if r["case"] == "hf" else "warm" if r["compile_cache_was_warm"] else "cold"
         lines.append(f"| {r['arch']} | {r['case']} | {r['batch']} x {r['grad_accum']} | {r['sampling']} | {r['optim'].removeprefix('OptimizerNames.').lower()} | "
-                     f"{r['tokens_per_s']:,.0f} | {r['s_per_step']:.3f} | {r['peak_reserved_gib']:.2f} | "
+                     f"{r['tokens_per_s']:,.0f} | {r['s_per_step']:.3f} ({median}) | "
+                     f"{r['peak_reserved_gib']:.2f} | "
                      f"{100 * r['mfu']:.1f}% | {r['time_to_first_step_s']:.0f} ({cache}) |")
     lines += ["", "| arch | ratio | measured | target | met |", "| --- | --- | ---: | ---: | --- |"]
     checks = []
     for arch in archs:
         for name, num, den, field, target, sense in RATIOS:
-            if (arch, num) in by_key and (arch, den) in by_key:
-                value = by_key[(arch, num)][field] / by_key[(arch, den)][field]
+            if (arch, num) in runs and (arch, den) in runs:
+                value = mean(runs[(arch, num)], field) / mean(runs[(arch, den)], field)
                 met = value >= target if sense == "ge" else value <= target
-                checks.append({"arch": arch, "ratio": name, "value": value, "target": target, "met": met})
-                lines.append(f"| {arch} | {name} | {value:.3f} | {'>=' if sense == 'ge' else '<='} {target} | "
-                             f"{'yes' if met else 'no'} |")
-        if (arch, "gemma_ft") in by_key and (arch, "unsloth") in by_key:
-            gap = loss_gap(by_key[(arch, "gemma_ft")]["losses"], by_key[(arch, "unsloth")]["losses"])
+                counted = f"{len(runs[(arch, num)])}:{len(runs[(arch, den)])}"
+                checks.append({"arch": arch, "ratio": name, "value": value, "target": target, "met": met,
+                               "runs": counted})
+                lines.append(f"| {arch} | {name} | {value:.3f} ({counted} runs) | {'>=' if sense == 'ge' else '<='} "
+                             f"{target} | {'yes' if met else 'no'} |")
+        if (arch, "gemma_ft") in runs and (arch, "unsloth") in runs:
+            gap = loss_gap(runs[(arch, "gemma_ft")][0]["losses"], runs[(arch, "unsloth")][0]["losses"])
             checks.append({"arch": arch, "ratio": "loss curve gap, first 20 steps", "value": gap, "target": 0.01,
                            "met": gap <= 0.01})
             lines.append(f"| {arch} | largest relative loss difference gemma_ft vs unsloth, first 20 steps | "

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import random
+import statistics
 import time
 from pathlib import Path
 
@@ -358,6 +359,7 @@ def main() -> None:
         "optim": str(trainer.args.optim), "sampling": str(trainer.args.train_sampling_strategy),
         "steps": args.steps, "warmup_steps": args.warmup, "tokens_per_s": tokens_per_s,
         "s_per_step": seconds / len(meter.times[timed]),
+        "median_s_per_step": statistics.median(meter.times[timed]),
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else float("nan"),
         "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
         "time_to_first_step_s": meter.first_step_end, "params": n_params, "mean_tokens_per_row": mean_len,
