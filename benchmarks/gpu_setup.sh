@@ -1,4 +1,6 @@
-# Sourced at the start of every GPU command: installs the carried wheels and unpacks the real tokenizer.
+# Sourced at the start of every GPU command: installs the carried wheels and unpacks the real tokenizer, and any
+# compile caches carried from an earlier call (.gpu_assets/compile_cache_*.tar.xz, written by run_all.sh with
+# SAVE_COMPILE_CACHE=1; with KEEP_COMPILE_CACHE=1 run_all.sh then starts warm instead of emptying the cache).
 #   source benchmarks/gpu_setup.sh
 [ -d /tmp/site/unsloth ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>&1 | grep -v "WARNING" | tail -2
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -6,4 +8,8 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_
 export GEMMA_FT_CACHE=/tmp/gemma_ft_cache
 mkdir -p $GEMMA_FT_CACHE/gemma3-tokenizer && tar -C $GEMMA_FT_CACHE/gemma3-tokenizer -xJf .gpu_assets/tokenizer.tar.xz
 touch $GEMMA_FT_CACHE/gemma3-tokenizer/.complete
+for cache in .gpu_assets/compile_cache_*.tar.xz; do
+  [ -f "$cache" ] && [ ! -e "$GEMMA_FT_CACHE/.unpacked_$(basename $cache)" ] || continue
+  tar -C $GEMMA_FT_CACHE -xJf "$cache" && touch "$GEMMA_FT_CACHE/.unpacked_$(basename $cache)" && echo "unpacked $cache"
+done
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

@@ -3,7 +3,8 @@
 # $OUT/results.jsonl, $OUT/report_ARCH.{json,md}; one log per case in $OUT.
 #   bash benchmarks/run_all.sh 270m 25      (arch, optimizer steps; the first WARMUP steps are not timed)
 # CASES, CASE_TIMEOUT (s per case), DEADLINE (s for the whole script: later cases get what is left) and
-# KEEP_COMPILE_CACHE=1 (do not empty it first) are read from the environment.
+# KEEP_COMPILE_CACHE=1 (do not empty it first) and SAVE_COMPILE_CACHE=1 (pack it into $OUT/compile_cache_ARCH.tar.xz,
+# to carry into a later call as .gpu_assets/: see gpu_setup.sh) are read from the environment.
 set -o pipefail
 source benchmarks/gpu_setup.sh
 arch=${1:-270m}; steps=${2:-25}
@@ -20,3 +21,6 @@ for case in ${CASES:-gemma_ft unsloth unsloth_notebook gemma_ft_defaults hf}; do
   echo "$case rc=$? $(grep -c '\[bench\] step' $log) steps in ${limit}s limit"
 done
 python3 benchmarks/report.py $OUT/results.jsonl $OUT/report_$arch
+if [ "${SAVE_COMPILE_CACHE:-0}" = 1 ]; then
+  tar -C $GEMMA_FT_CACHE -cJf $OUT/compile_cache_$arch.tar.xz compile && ls -la $OUT/compile_cache_$arch.tar.xz
+fi
