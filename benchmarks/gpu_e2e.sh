@@ -6,15 +6,15 @@
 # DEADLINE (s for the whole script, default 560): each run gets what is left, up to 240 s.
 set -o pipefail
 source benchmarks/gpu_setup.sh
-left() { local l=$(( ${DEADLINE:-560} - SECONDS )); echo $(( l < 240 ? l : 240 )); }
+: ${DEADLINE:=560}
 common="train.exact_match_rows=4 train.max_new_tokens=16 train.report_to=none debug.verbose=true"
 arch270m="model.name_or_path=/tmp/bench/gemma3-270m-random data.path=/tmp/bench/data.csv data.columns.system=null
           data.val_size=16 train.max_seq_length=2048 lora.train_lm_head=false train.max_steps=20"
 python3 benchmarks/throughput.py --prepare-only --arch 270m --tokenizer $GEMMA_FT_CACHE/gemma3-tokenizer 2>&1 | tail -1
 e2e() {  # name, overrides...
   local name=$1; shift
-  [ $(left) -gt 30 ] || { echo "$name skipped: no time left"; return; }
-  timeout $(left) python3 -m gemma_ft "$@" $common run.dir=/tmp/e2e/$name > $OUT/e2e_$name.log 2>&1
+  [ $(time_left 240) -gt 30 ] || { echo "$name skipped: no time left"; return; }
+  timeout $(time_left 240) python3 -m gemma_ft "$@" $common run.dir=/tmp/e2e/$name > $OUT/e2e_$name.log 2>&1
   echo "$name rc=$? at ${SECONDS}s"
   cp /tmp/e2e/$name/metrics.json $OUT/e2e_metrics_$name.json 2>/dev/null
 }

@@ -12,4 +12,6 @@ for cache in .gpu_assets/compile_cache_*.tar.xz; do
   [ -f "$cache" ] && [ ! -e "$GEMMA_FT_CACHE/.unpacked_$(basename $cache)" ] || continue
   tar -C $GEMMA_FT_CACHE -xJf "$cache" && touch "$GEMMA_FT_CACHE/.unpacked_$(basename $cache)" && echo "unpacked $cache"
 done
+# Seconds a run may take: at most $1, and no later than DEADLINE seconds after the calling script started.
+time_left() { local left=$(( ${DEADLINE:-100000} - SECONDS )); echo $(( left < $1 ? left : $1 )); }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

@@ -12,8 +12,7 @@ arch=${1:-270m}; steps=${2:-25}
 run=0
 for case in ${CASES:-gemma_ft unsloth unsloth_notebook gemma_ft_defaults hf}; do
   run=$((run + 1))
-  limit=${CASE_TIMEOUT:-900}
-  if [ -n "$DEADLINE" ]; then left=$((DEADLINE - SECONDS)); [ $left -lt $limit ] && limit=$left; fi
+  limit=$(time_left ${CASE_TIMEOUT:-900})
   [ $limit -gt 30 ] || { echo "$case skipped: no time left"; continue; }
   log=$OUT/bench_${arch}_${run}_$case.log
   timeout $limit python3 benchmarks/throughput.py --case $case --arch $arch --steps $steps \
