@@ -11,6 +11,5 @@ timeout 400 $B --case hf --steps 16 --warmup 4 --workdir /tmp/benchC > $OUT/C_hf
 sleep 150; for p in $(pgrep -f "case unsloth --steps 8"); do /tmp/site/bin/py-spy dump --pid $p --native > $OUT/A_pyspy1.txt 2>&1 || /tmp/site/bin/py-spy dump --pid $p > $OUT/A_pyspy1.txt 2>&1; done
 sleep 60; for p in $(pgrep -f "case unsloth --steps 8"); do /tmp/site/bin/py-spy dump --pid $p > $OUT/A_pyspy2.txt 2>&1; done
 wait
-grep -h "\[bench\]" $OUT/*.log | head -0
 for f in $OUT/*.log; do echo "== $f"; grep "\[bench\] step\|tokens_per_s\|Error\|error" $f | head -40; done
 nvidia-smi --query-gpu=name --format=csv,noheader

@@ -8,8 +8,6 @@ set -o pipefail
 source benchmarks/gpu_setup.sh
 : ${DEADLINE:=560}
 common="train.exact_match_rows=4 train.max_new_tokens=16 train.report_to=none debug.verbose=true"
-arch270m="model.name_or_path=/tmp/bench/gemma3-270m-random data.path=/tmp/bench/data.csv data.columns.system=null
-          data.val_size=16 train.max_seq_length=2048 lora.train_lm_head=false train.max_steps=20"
 python3 benchmarks/throughput.py --prepare-only --arch 270m --tokenizer $GEMMA_FT_CACHE/gemma3-tokenizer 2>&1 | tail -1
 e2e() {  # name, overrides...
   local name=$1; shift
@@ -18,6 +16,6 @@ e2e() {  # name, overrides...
   echo "$name rc=$? at ${SECONDS}s"
   cp /tmp/e2e/$name/metrics.json $OUT/e2e_metrics_$name.json 2>/dev/null
 }
-e2e g270m_16bit $arch270m train.sampling=random
-e2e g270m_qlora_adamw8bit $arch270m model.load_in_4bit=true optim=adamw_8bit
+e2e g270m_16bit $BENCH_270M_OVERRIDES train.sampling=random
+e2e g270m_qlora_adamw8bit $BENCH_270M_OVERRIDES model.load_in_4bit=true optim=adamw_8bit
 e2e tiny_16bit model=tiny train.eval_steps=10 train.max_steps=30

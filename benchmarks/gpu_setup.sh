@@ -12,6 +12,9 @@ for cache in .gpu_assets/compile_cache_*.tar.xz; do
   [ -f "$cache" ] && [ ! -e "$GEMMA_FT_CACHE/.unpacked_$(basename $cache)" ] || continue
   tar -C $GEMMA_FT_CACHE -xJf "$cache" && touch "$GEMMA_FT_CACHE/.unpacked_$(basename $cache)" && echo "unpacked $cache"
 done
+# `python -m gemma_ft` on the benchmark's rows and random-init 270M (from throughput.py --prepare-only), 20 steps.
+BENCH_270M_OVERRIDES="model.name_or_path=/tmp/bench/gemma3-270m-random data.path=/tmp/bench/data.csv
+  data.columns.system=null data.val_size=16 train.max_seq_length=2048 lora.train_lm_head=false train.max_steps=20"
 # Seconds a run may take: at most $1, and no later than DEADLINE seconds after the calling script started.
 time_left() { local left=$(( ${DEADLINE:-100000} - SECONDS )); echo $(( left < $1 ? left : $1 )); }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

@@ -15,10 +15,9 @@ mkdir -p $OUT/logs
 python3 benchmarks/throughput.py --prepare-only --arch 270m --tokenizer $GEMMA_FT_CACHE/gemma3-tokenizer 2>&1 | tail -1
 B="benchmarks/throughput.py --case gemma_ft --arch 270m --steps 20 --warmup 5 --model-dir /tmp/bench/gemma3-270m-random
    --tokenizer $GEMMA_FT_CACHE/gemma3-tokenizer --out $OUT/multi_gpu.jsonl"
-C="model.name_or_path=/tmp/bench/gemma3-270m-random data.path=/tmp/bench/data.csv data.columns.system=null
-   data.val_size=16 lora.train_lm_head=false train.max_steps=20 train.per_device_train_batch_size=8 train.sampling=random
-   train.max_seq_length=2048 train.eval_steps=0 train.exact_match_rows=4 train.max_new_tokens=16 train.report_to=none
-   train.save_steps=10 train.logging_steps=1 optim.warmup_steps=5 debug.verbose=true run.dir=/tmp/ddp_run"
+C="$BENCH_270M_OVERRIDES train.per_device_train_batch_size=8 train.sampling=random train.eval_steps=0
+   train.exact_match_rows=4 train.max_new_tokens=16 train.report_to=none train.save_steps=10 train.logging_steps=1
+   optim.warmup_steps=5 debug.verbose=true run.dir=/tmp/ddp_run"
 for part in $PARTS; do
   case $part in
     speed)

@@ -338,7 +338,9 @@ def main() -> None:
         raise SystemExit(f"only {len(meter.times)} steps ran; need more than --warmup {args.warmup}")
     timed = slice(args.warmup, None)
     seconds, tokens = sum(meter.times[timed]), sum(meter.tokens[timed])
-    gpus = int(os.environ.get("WORLD_SIZE", "1"))
+    from gemma_ft.distributed import world_size
+
+    gpus = world_size()
     if gpus > 1:  # under torchrun: every rank counted its own tokens; rank 0's clock times the (synchronised) steps
         import torch.distributed as dist
 

@@ -39,7 +39,9 @@ def cpu_ranks_load_on_cpu() -> None:
     args.device, which is torch.device("cpu", 0) there, and torch cannot map to "cpu:0". On GPUs it is cuda:N."""
     import torch
 
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or torch.cuda.is_available():
+    from gemma_ft.distributed import world_size
+
+    if world_size() == 1 or torch.cuda.is_available():
         return
     load = torch.load
 
