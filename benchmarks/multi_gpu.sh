@@ -3,6 +3,10 @@
 #   resume       the documented torchrun command stopped by SIGTERM after step 10, then the same command again
 #                to resume and finish (~300 s: give it a call of its own after `speed`)
 #   find_unused  two GPUs with DDP's unused-parameter search on (the Trainer's default for PEFT models)
+#   speed2       only the two-GPU run of `speed`
+#   omp          the two-GPU run with OMP_NUM_THREADS = half the host's cores per rank (torchrun's default is 1)
+# Every GPU's utilisation and memory, and which process runs on which GPU, are logged each second meanwhile
+# (logs/gpu_monitor.csv, logs/gpu_apps.csv): is each rank on its own card, and how busy is it?
 # Random-init Gemma 3 270M architecture, realistic-length rows, unsloth's block compile off
 # (UNSLOTH_COMPILE_DISABLE=1: the comparison is between GPU counts, not compile states). Results under $OUT.
 #   PARTS=resume bash benchmarks/multi_gpu.sh
@@ -12,6 +16,9 @@ export UNSLOTH_COMPILE_DISABLE=1
 : ${DEADLINE:=560} ${PARTS:=speed resume}
 nvidia-smi -L
 mkdir -p $OUT/logs
+nvidia-smi --query-gpu=timestamp,index,utilization.gpu,memory.used --format=csv -l 1 > $OUT/logs/gpu_monitor.csv &
+while sleep 5; do nvidia-smi --query-compute-apps=timestamp,gpu_bus_id,pid,used_memory --format=csv,noheader; done \
+    > $OUT/logs/gpu_apps.csv &
 python3 benchmarks/throughput.py --prepare-only --arch 270m --tokenizer $GEMMA_FT_CACHE/gemma3-tokenizer 2>&1 | tail -1
 B="benchmarks/throughput.py --case gemma_ft --arch 270m --steps 20 --warmup 5 --model-dir /tmp/bench/gemma3-270m-random
    --tokenizer $GEMMA_FT_CACHE/gemma3-tokenizer --out $OUT/multi_gpu.jsonl"
@@ -20,9 +27,11 @@ C="$BENCH_270M_OVERRIDES train.per_device_train_batch_size=8 train.sampling=rand
    optim.warmup_steps=5 debug.verbose=true run.dir=/tmp/ddp_run"
 for part in $PARTS; do
   case $part in
-    speed)
-      CUDA_VISIBLE_DEVICES=0 timeout $(time_left 200) python3 $B --workdir /tmp/w1 > $OUT/logs/gpu1_batch8.log 2>&1
-      echo "1 GPU x 8 rc=$? at ${SECONDS}s"
+    speed|speed2)
+      if [ $part = speed ]; then
+        CUDA_VISIBLE_DEVICES=0 timeout $(time_left 200) python3 $B --workdir /tmp/w1 > $OUT/logs/gpu1_batch8.log 2>&1
+        echo "1 GPU x 8 rc=$? at ${SECONDS}s"
+      fi
       timeout $(time_left 170) torchrun --nproc_per_node 2 $B --workdir /tmp/w2 > $OUT/logs/gpu2_batch8.log 2>&1
       echo "2 GPUs x 8 rc=$? at ${SECONDS}s" ;;
     resume)
@@ -34,6 +43,10 @@ for part in $PARTS; do
       cp /tmp/ddp_run/history.json $OUT/logs/ddp_history.json 2>/dev/null
       cp /tmp/ddp_run/metrics.json $OUT/logs/ddp_metrics.json 2>/dev/null
       ls /tmp/ddp_run ;;
+    omp)
+      OMP_NUM_THREADS=$(( $(nproc) / 2 )) timeout $(time_left 170) torchrun --nproc_per_node 2 $B --workdir /tmp/w4 \
+          > $OUT/logs/gpu2_batch8_omp.log 2>&1
+      echo "2 GPUs x 8, OMP_NUM_THREADS=$(( $(nproc) / 2 )) rc=$? at ${SECONDS}s" ;;
     find_unused)
       timeout $(time_left 170) torchrun --nproc_per_node 2 $B --workdir /tmp/w3 --ddp-find-unused-parameters \
           > $OUT/logs/gpu2_batch8_find_unused.log 2>&1
@@ -44,6 +57,8 @@ done
 import json
 for l in open('$OUT/multi_gpu.jsonl'):
     d = json.loads(l)
-    print(d['gpus'], 'x', d['batch'], 'find_unused', d['ddp_find_unused_parameters'], round(d['tokens_per_s']),
+    print(d['gpus'], 'x', d['batch'], 'find_unused', d['ddp_find_unused_parameters'], 'OMP', d.get('omp_num_threads'),
+          round(d['tokens_per_s']),
           'tok/s', round(d['s_per_step'], 3), 's/step', round(d['peak_reserved_gib'], 2), 'GiB', d['losses'][:20])
 "
+kill %1 %2 2>/dev/null

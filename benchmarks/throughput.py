@@ -306,8 +306,10 @@ def main() -> None:
 
         faulthandler.dump_traceback_later(float(os.environ["BENCH_STACK_DUMP_S"]), repeat=True)
 
+    from gemma_ft.distributed import use_local_gpu
     from gemma_ft.models.builtin import cache_dir
 
+    use_local_gpu()  # as gemma_ft does: each rank on its own GPU before any CUDA call
     compile_cache = cache_dir() / "compile"  # every case shares it: the first case of an arch compiles
     compile_cache_was_warm = compile_cache.is_dir() and any(compile_cache.rglob("*.*"))
     if args.case != "hf":
@@ -368,6 +370,7 @@ def main() -> None:
         "bf16_peak_tflops": peak, "mfu": tokens_per_s * flops_per_token(args.arch, n_params, mean_len) / (peak * 1e12),
         "losses": meter.losses[:20], "compile_cache": str(compile_cache), "compile_cache_was_warm": compile_cache_was_warm,
         "compile_disabled": os.environ.get("UNSLOTH_COMPILE_DISABLE", "0") == "1",
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "ddp_find_unused_parameters": bool(gpus > 1 and trainer.accelerator.ddp_handler
                                            and trainer.accelerator.ddp_handler.find_unused_parameters),
     }

@@ -39,6 +39,17 @@ def generate_replies(model, tokenizer, conversations: list[Conversation], max_ne
     return [reply.strip() for reply in replies]
 
 
+def base_model_replies(model, tokenizer, conversations: list[Conversation], max_new_tokens: int) -> list[str]:
+    """The untrained model's greedy replies, from a LoRA model after training: generated with the adapters off.
+
+    LoRA starts as a no-op (its B matrices are zero), so these are the replies before training. Generating them
+    before the first step instead made unsloth compile the training steps again rather than reuse its compile
+    cache: on an H200, steps 1-2 took 71 + 68 s after a generation, 12 + 12 s without one.
+    """
+    with model.disable_adapter():
+        return generate_replies(model, tokenizer, conversations, max_new_tokens)
+
+
 def exact_match(replies: list[str], conversations: list[Conversation]) -> float:
     if not conversations:
         return 0.0

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from gemma_ft.compile_cache import import_unsloth_with_persistent_compile_cache
 from gemma_ft.config import Config, to_typed
 from gemma_ft.data.conversations import Split, load_conversations, split_conversations
-from gemma_ft.distributed import is_main_process, wait_for_everyone
+from gemma_ft.distributed import is_main_process, use_local_gpu, wait_for_everyone
 from gemma_ft.plots import plot_run_losses
 from gemma_ft.run_dir import check_writable, checkpoint_dir, plan_run
 from gemma_ft.validation import validate
@@ -66,6 +66,7 @@ def prepare(cfg: Any, run_dir: str | Path | None = None) -> Prepared:
         # The typed config this run trains with: what generate/evaluate/export read back.
         OmegaConf.save(OmegaConf.structured(cfg), run_dir / RUN_CONFIG)
 
+    use_local_gpu()
     import_unsloth_with_persistent_compile_cache()
 
     release_accelerator_memory()  # a sweep's earlier job in this process must not count against this one
@@ -103,14 +104,17 @@ def run(cfg: Any, run_dir: str | Path | None = None) -> dict:
     cfg, model, tokenizer, trainer = p.cfg, p.model, p.tokenizer, p.trainer
 
     from gemma_ft.debug import MemoryStats, show_example
-    from gemma_ft.generation import exact_match, generate_replies
+    from gemma_ft.generation import base_model_replies, exact_match, generate_replies
 
     main = is_main_process()  # with several GPUs: rank 0 shows, generates and saves; every rank trains and evaluates
     if cfg.debug.show_examples and main:
         show_example(trainer, tokenizer, p.split.train, cfg.debug.example_index)
 
     em_rows = p.split.validation[: cfg.train.exact_match_rows] if main else []
-    replies_before = generate_replies(model, tokenizer, em_rows, cfg.train.max_new_tokens)
+    # With LoRA the untrained model's replies are generated after training, with the adapters switched off (see
+    # base_model_replies); full fine-tuning changes the weights themselves, so only it generates them first.
+    replies_before = generate_replies(model, tokenizer, em_rows, cfg.train.max_new_tokens) \
+        if cfg.model.full_finetuning else None
 
     memory = MemoryStats(cfg.debug.verbose)
     memory.start()
@@ -125,6 +129,8 @@ def run(cfg: Any, run_dir: str | Path | None = None) -> dict:
     eval_loss = final_eval_loss(trainer)
 
     replies_after = generate_replies(model, tokenizer, em_rows, cfg.train.max_new_tokens)
+    if replies_before is None:
+        replies_before = base_model_replies(model, tokenizer, em_rows, cfg.train.max_new_tokens)
     metrics = {
         "train_loss": mean_training_loss(trainer.state.log_history),
         "eval_loss": eval_loss,

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from gemma_ft.distributed import shared_run_dir_overrides
 from gemma_ft.pipeline import run
 from tests.conftest import TINY, chess_rows, typed_config, write_csv
@@ -80,3 +82,19 @@ def test_slurm_jobs_start_one_task_per_requested_gpu():
         cfg = compose("config", overrides=["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=4"],
                       return_hydra_config=True)
     assert cfg.hydra.launcher.gpus_per_node == cfg.hydra.launcher.tasks_per_node == 4
+
+
+@pytest.mark.parametrize("env, expected", [({"WORLD_SIZE": "2", "LOCAL_RANK": "1"}, [1]),
+                                           ({"WORLD_SIZE": "1", "LOCAL_RANK": "0"}, [])])
+def test_each_rank_makes_its_own_gpu_current_before_cuda_is_used(monkeypatch, env, expected):
+    import torch
+
+    from gemma_ft.distributed import use_local_gpu
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    use_local_gpu()
+    assert chosen == expected

@@ -113,3 +113,21 @@ def test_tiny_run_writes_adapter_metrics_and_samples(tmp_path, tiny_model_dir, c
     tuned = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
     lora_b = [p for n, p in tuned.named_parameters() if "lora_B" in n]
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)
+
+
+def test_replies_before_training_are_the_untrained_models(tmp_path):
+    """run() generates the "before" replies after training with the adapters off: they must be exactly the
+    replies of the model as it was before its first step."""
+    from gemma_ft.generation import generate_replies
+
+    path = write_csv(tmp_path / "d.csv", chess_rows(20))
+    overrides = [*TINY, f"data.path={path}", "data.val_size=4", "train.max_steps=8", "train.max_new_tokens=8",
+                 "optim.lr=0.05", "optim.warmup_steps=0"]
+    untrained = prepare(typed_config(overrides), run_dir=tmp_path / "untrained")
+    expected_before = generate_replies(untrained.model, untrained.tokenizer, untrained.split.validation[:2], 8)
+
+    run(typed_config(overrides), run_dir=tmp_path / "run")
+    samples = json.loads((tmp_path / "run" / "samples.json").read_text())
+    assert [s["generated_before"] for s in samples] == expected_before
+    # Training moved the replies, so the adapters really were off for the "before" ones.
+    assert [s["generated_after"] for s in samples] != expected_before

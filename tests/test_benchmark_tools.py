@@ -1,0 +1,38 @@
+"""The benchmark's paired-step comparison (benchmarks/paired_steps.py), on synthetic logs."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "paired_steps.py"
+
+
+def paired_steps():
+    spec = importlib.util.spec_from_file_location("paired_steps", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_log(path: Path, steps: dict[int, tuple[float, int]]) -> Path:
+    # throughput.py's lines sit inside tqdm's progress output; under torchrun each rank prints one per step.
+    path.write_text("".join(f" 5%|x| 1/20 [bench] step {n}: {s} s, {t} tokens\n[bench] step {n}: 9.9 s, 1 tokens\n"
+                            for n, (s, t) in steps.items()))
+    return path
+
+
+def test_ratio_of_summed_times_over_common_timed_steps(tmp_path):
+    base = write_log(tmp_path / "a.log", {1: (90.0, 100), 6: (0.2, 300), 7: (0.4, 400), 8: (0.3, 500)})
+    cand = write_log(tmp_path / "b.log", {1: (10.0, 100), 6: (0.1, 300), 7: (0.2, 400)})  # cut after step 7
+    steps, ratio = paired_steps().paired_speed_ratio(base, cand, warmup=5)
+    assert steps == 2 and ratio == pytest.approx(0.6 / 0.3)
+
+
+def test_different_batches_are_refused(tmp_path):
+    base = write_log(tmp_path / "a.log", {6: (0.2, 300)})
+    cand = write_log(tmp_path / "b.log", {6: (0.2, 301)})
+    with pytest.raises(SystemExit, match="not the same batches"):
+        paired_steps().paired_speed_ratio(base, cand)
