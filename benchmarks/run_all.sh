@@ -1,6 +1,7 @@
 # Every case back to back on the same GPU, one process each, starting from an empty compile cache (the first case
 # shows the cold start, the rest the warm one; name a case twice to time its warm start). Results:
-# $OUT/results.jsonl, $OUT/report_ARCH.{json,md}; one log per case in $OUT.
+# $OUT/results.jsonl, $OUT/report_ARCH.{json,md}; one log per case in $OUT; the paired-step overhead of every
+# gemma_ft run against every unsloth run is printed at the end.
 #   bash benchmarks/run_all.sh 270m 25      (arch, optimizer steps; the first WARMUP steps are not timed)
 # CASES, CASE_TIMEOUT (s per case), DEADLINE (s for the whole script: later cases get what is left) and
 # KEEP_COMPILE_CACHE=1 (do not empty it first) and SAVE_COMPILE_CACHE=1 (pack it into $OUT/compile_cache_ARCH.tar.xz,
@@ -20,6 +21,12 @@ for case in ${CASES:-gemma_ft unsloth unsloth_notebook gemma_ft_defaults hf}; do
   echo "$case rc=$? $(grep -c '\[bench\] step' $log) steps in ${limit}s limit"
 done
 python3 benchmarks/report.py $OUT/results.jsonl $OUT/report_$arch
+# Framework overhead step by step: each gemma_ft run against each unsloth run (the same batches in the same order).
+for baseline in $OUT/bench_${arch}_*_unsloth.log; do
+  for candidate in $OUT/bench_${arch}_*_gemma_ft.log; do
+    [ -f "$baseline" ] && [ -f "$candidate" ] && python3 benchmarks/paired_steps.py "$baseline" "$candidate"
+  done
+done
 if [ "${SAVE_COMPILE_CACHE:-0}" = 1 ]; then
   tar -C $GEMMA_FT_CACHE -cJf $OUT/compile_cache_$arch.tar.xz compile && ls -la $OUT/compile_cache_$arch.tar.xz
 fi
