@@ -7,20 +7,22 @@
 #   omp          the two-GPU run with OMP_NUM_THREADS = half the host's cores per rank (torchrun's default is 1)
 # Every GPU's utilisation and memory, and which process runs on which GPU, are logged each second meanwhile
 # (logs/gpu_monitor.csv, logs/gpu_apps.csv): is each rank on its own card, and how busy is it?
-# Random-init Gemma 3 270M architecture, realistic-length rows, unsloth's block compile off
-# (UNSLOTH_COMPILE_DISABLE=1: the comparison is between GPU counts, not compile states). Results under $OUT.
+# Random-init Gemma 3 270M architecture (ARCH=1b or 4b for the speed parts), realistic-length rows, unsloth's block
+# compile off (UNSLOTH_COMPILE_DISABLE=1: the comparison is between GPU counts, not compile states). Results under $OUT.
 #   PARTS=resume bash benchmarks/multi_gpu.sh
 set -o pipefail
 source benchmarks/gpu_setup.sh
 export UNSLOTH_COMPILE_DISABLE=1
-: ${DEADLINE:=560} ${PARTS:=speed resume}
+: ${DEADLINE:=560} ${PARTS:=speed resume} ${ARCH:=270m}
 nvidia-smi -L
 mkdir -p $OUT/logs
 nvidia-smi --query-gpu=timestamp,index,utilization.gpu,memory.used --format=csv -l 1 > $OUT/logs/gpu_monitor.csv &
 while sleep 5; do nvidia-smi --query-compute-apps=timestamp,gpu_bus_id,pid,used_memory --format=csv,noheader; done \
     > $OUT/logs/gpu_apps.csv &
-python3 benchmarks/throughput.py --prepare-only --arch 270m --tokenizer $GEMMA_FT_CACHE/gemma3-tokenizer 2>&1 | tail -1
-B="benchmarks/throughput.py --case gemma_ft --arch 270m --steps 20 --warmup 5 --model-dir /tmp/bench/gemma3-270m-random
+for arch in 270m $ARCH; do
+  python3 benchmarks/throughput.py --prepare-only --arch $arch --tokenizer $GEMMA_FT_CACHE/gemma3-tokenizer 2>&1 | tail -1
+done
+B="benchmarks/throughput.py --case gemma_ft --arch $ARCH --steps 20 --warmup 5 --model-dir /tmp/bench/gemma3-$ARCH-random
    --tokenizer $GEMMA_FT_CACHE/gemma3-tokenizer --out $OUT/multi_gpu.jsonl"
 C="$BENCH_270M_OVERRIDES train.per_device_train_batch_size=8 train.sampling=random train.eval_steps=0
    train.exact_match_rows=4 train.max_new_tokens=16 train.report_to=none train.save_steps=10 train.logging_steps=1

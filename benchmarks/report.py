@@ -44,14 +44,15 @@ def main(results_path: str, out_prefix: str) -> None:
         runs.setdefault((r["arch"], r["case"]), []).append(r)
     archs = list(dict.fromkeys(r["arch"] for r in results))
     lines = [f"GPU: {results[0]['gpu']}; measured bf16 matmul peak {results[0]['bf16_peak_tflops']:.0f} TFLOP/s.", "",
-             ("| arch | case | batch x accum | sampling | optim | tokens/s | s/step (median) | peak reserved GiB | MFU | "
-              "first step after start, s (compile cache) |"),
-             "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- |"]
+             ("| arch | case | batch x accum | sampling | optim | tokens/s | tokens/row | s/step (median) | "
+              "peak reserved GiB | MFU | first step after start, s (compile cache) |"),
+             "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in sorted(results, key=lambda r: (archs.index(r["arch"]), ORDER.index(r["case"]))):  # stable: cold first
         median = f"{r['median_s_per_step']:.3f}" if "median_s_per_step" in r else "-"  # older results lack it
-        cache = "no compile" if r["case"] == "hf" else "warm" if r["compile_cache_was_warm"] else "cold"
+        # Whether the cache held this run's shapes is not known beforehand: only whether it held anything.
+        cache = "no compile" if r["case"] == "hf" else "cache not empty" if r["compile_cache_was_warm"] else "empty cache"
         lines.append(f"| {r['arch']} | {r['case']} | {r['batch']} x {r['grad_accum']} | {r['sampling']} | {r['optim'].removeprefix('OptimizerNames.').lower()} | "
-                     f"{r['tokens_per_s']:,.0f} | {r['s_per_step']:.3f} ({median}) | "
+                     f"{r['tokens_per_s']:,.0f} | {r['mean_tokens_per_row']:.0f} | {r['s_per_step']:.3f} ({median}) | "
                      f"{r['peak_reserved_gib']:.2f} | "
                      f"{100 * r['mfu']:.1f}% | {r['time_to_first_step_s']:.0f} ({cache}) |")
     lines += ["", "| arch | ratio | measured | target | met |", "| --- | --- | ---: | ---: | --- |"]
