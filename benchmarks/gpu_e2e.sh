@@ -4,8 +4,8 @@
 #   bash benchmarks/gpu_e2e.sh
 # PARTS (default "g270m_16bit g270m_qlora_adamw8bit tiny_16bit") picks the runs, in that order:
 #   g270m_16bit            16-bit LoRA on the random-init Gemma 3 270M architecture (the benchmark's rows)
-#   g270m_16bit_no_em      the same without the exact-match generation before and after training (does
-#                          generating first change the warm start?)
+#   g270m_16bit_no_em      the same without the exact-match generation (it showed that generating before
+#                          training cost the warm start: benchmarks/results/2026-11-27)
 #   g270m_qlora_adamw8bit  4-bit QLoRA on the 270M architecture with the seed notebook's adamw_8bit
 #   tiny_16bit             the tiny model with its shipped data
 # DEADLINE (s for the whole script, default 560); each run gets what is left, up to RUN_CAP (default 240) s.
