@@ -109,7 +109,6 @@ class Meter:
         self._last = None
 
     def wrap(self, trainer) -> None:
-        import torch
         from transformers import TrainerCallback
 
         step = trainer.training_step
