@@ -121,6 +121,9 @@ def run(cfg: Any, run_dir: str | Path | None = None) -> dict:
     trainer.train(resume_from_checkpoint=str(p.resume_from) if p.resume_from else None)
     resources = memory.finish()
     if p.stop_on_signal.received:
+        # A rank that exits first makes torchrun kill the others: none leaves before every rank has saved. (On two
+        # H100s rank 1 exited first and torchrun ended rank 0 with SIGTERM; it had finished saving, by luck.)
+        wait_for_everyone()
         raise RunInterrupted(
             f"{p.stop_on_signal.received}: stopped at step {trainer.state.global_step} with a checkpoint saved in "
             f"{checkpoint_dir(p.run_dir)}; resume by running the same command with run.dir={p.run_dir}",
