@@ -44,7 +44,7 @@ def base_model_replies(model, tokenizer, conversations: list[Conversation], max_
 
     LoRA starts as a no-op (its B matrices are zero), so these are the replies before training. Generating them
     before the first step instead made unsloth compile the training steps again rather than reuse its compile
-    cache: on an H200, steps 1-2 took 71 + 68 s after a generation, 12 + 12 s without one.
+    cache: on an H200, steps 1-2 took 71 + 67 s after a generation, 12 + 12 s without one.
     """
     with model.disable_adapter():
         return generate_replies(model, tokenizer, conversations, max_new_tokens)
