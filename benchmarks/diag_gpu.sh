@@ -1,7 +1,7 @@
 # Diagnosis only (timings overlap): why is an unsloth step slow on variable-length rows? Logs under $OUT.
 # Needs py-spy in .whl (pip download py-spy --no-deps --only-binary=:all: -d .whl). Results: README "Performance".
 source benchmarks/gpu_setup.sh
-python3 benchmarks/throughput.py --prepare-only --arch 270m --tokenizer $GEMMA_FT_CACHE/gemma3-tokenizer 2>&1 | tail -1
+prepare_bench 270m
 mkdir -p /tmp/benchB /tmp/benchC; cp -r /tmp/bench/* /tmp/benchB/ 2>/dev/null; cp -r /tmp/bench/* /tmp/benchC/ 2>/dev/null
 B="python3 benchmarks/throughput.py --arch 270m --tokenizer $GEMMA_FT_CACHE/gemma3-tokenizer --out $OUT/diag.jsonl"
 BENCH_STACK_DUMP_S=60 TORCH_LOGS=recompiles timeout 400 $B --case unsloth --steps 8 --warmup 2 > $OUT/A_unsloth_padfree.log 2>&1 &

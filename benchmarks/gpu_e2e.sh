@@ -13,7 +13,7 @@ set -o pipefail
 source benchmarks/gpu_setup.sh
 : ${DEADLINE:=560} ${RUN_CAP:=240} ${PARTS:=g270m_16bit g270m_qlora_adamw8bit tiny_16bit}
 common="train.exact_match_rows=4 train.max_new_tokens=16 train.report_to=none debug.verbose=true"
-python3 benchmarks/throughput.py --prepare-only --arch 270m --tokenizer $GEMMA_FT_CACHE/gemma3-tokenizer 2>&1 | tail -1
+prepare_bench 270m
 e2e() {  # name, overrides...
   local name=$1; shift
   [ $(time_left $RUN_CAP) -gt 30 ] || { echo "$name skipped: no time left"; return; }

@@ -12,7 +12,13 @@ for cache in .gpu_assets/compile_cache_*.tar.xz; do
   [ -f "$cache" ] && [ ! -e "$GEMMA_FT_CACHE/.unpacked_$(basename $cache)" ] || continue
   tar -C $GEMMA_FT_CACHE -xJf "$cache" && touch "$GEMMA_FT_CACHE/.unpacked_$(basename $cache)" && echo "unpacked $cache"
 done
-# `python -m gemma_ft` on the benchmark's rows and random-init 270M (from throughput.py --prepare-only), 20 steps.
+# The benchmark's rows (/tmp/bench/data.csv) and random-init models (/tmp/bench/gemma3-ARCH-random), once each.
+prepare_bench() {  # arch...
+  for arch; do
+    python3 benchmarks/throughput.py --prepare-only --arch $arch --tokenizer $GEMMA_FT_CACHE/gemma3-tokenizer 2>&1 | tail -1
+  done
+}
+# `python -m gemma_ft` on the benchmark's rows and random-init 270M (after `prepare_bench 270m`), 20 steps.
 BENCH_270M_OVERRIDES="model.name_or_path=/tmp/bench/gemma3-270m-random data.path=/tmp/bench/data.csv
   data.columns.system=null data.val_size=16 train.max_seq_length=2048 lora.train_lm_head=false train.max_steps=20"
 # Seconds a run may take: at most $1, and no later than DEADLINE seconds after the calling script started.

@@ -19,9 +19,7 @@ mkdir -p $OUT/logs
 nvidia-smi --query-gpu=timestamp,index,utilization.gpu,memory.used --format=csv -l 1 > $OUT/logs/gpu_monitor.csv &
 while sleep 5; do nvidia-smi --query-compute-apps=timestamp,gpu_bus_id,pid,used_memory --format=csv,noheader; done \
     > $OUT/logs/gpu_apps.csv &
-for arch in 270m $ARCH; do
-  python3 benchmarks/throughput.py --prepare-only --arch $arch --tokenizer $GEMMA_FT_CACHE/gemma3-tokenizer 2>&1 | tail -1
-done
+prepare_bench 270m $ARCH  # 270m for the resume part
 B="benchmarks/throughput.py --case gemma_ft --arch $ARCH --steps 20 --warmup 5 --model-dir /tmp/bench/gemma3-$ARCH-random
    --tokenizer $GEMMA_FT_CACHE/gemma3-tokenizer --out $OUT/multi_gpu.jsonl"
 C="$BENCH_270M_OVERRIDES train.per_device_train_batch_size=8 train.sampling=random train.eval_steps=0
@@ -46,9 +44,10 @@ for part in $PARTS; do
       cp /tmp/ddp_run/metrics.json $OUT/logs/ddp_metrics.json 2>/dev/null
       ls /tmp/ddp_run ;;
     omp)
-      OMP_NUM_THREADS=$(( $(nproc) / 2 )) timeout $(time_left 170) torchrun --nproc_per_node 2 $B --workdir /tmp/w4 \
+      threads=$(( $(nproc) / 2 ))
+      OMP_NUM_THREADS=$threads timeout $(time_left 170) torchrun --nproc_per_node 2 $B --workdir /tmp/w4 \
           > $OUT/logs/gpu2_batch8_omp.log 2>&1
-      echo "2 GPUs x 8, OMP_NUM_THREADS=$(( $(nproc) / 2 )) rc=$? at ${SECONDS}s" ;;
+      echo "2 GPUs x 8, OMP_NUM_THREADS=$threads rc=$? at ${SECONDS}s" ;;
     find_unused)
       timeout $(time_left 170) torchrun --nproc_per_node 2 $B --workdir /tmp/w3 --ddp-find-unused-parameters \
           > $OUT/logs/gpu2_batch8_find_unused.log 2>&1

@@ -1,7 +1,8 @@
 """Turn results.jsonl (one line per case run) into results JSON + a Markdown table with the target ratios.
 
 A case run several times counts with the mean of its runs: run-to-run spread between processes on these hosts
-was up to 14% (two identical gemma_ft runs, 2026-11-26), so compare A B A B runs, not one of each.
+was up to 14% (two identical gemma_ft runs, 2026-11-26). For the framework overhead (a few %), compare the runs
+step by step instead: paired_steps.py (run_all.sh prints it).
 
     python benchmarks/report.py RESULTS.jsonl OUT_PREFIX     # writes OUT_PREFIX.json and OUT_PREFIX.md
 """

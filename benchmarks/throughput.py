@@ -305,7 +305,7 @@ def main() -> None:
 
         faulthandler.dump_traceback_later(float(os.environ["BENCH_STACK_DUMP_S"]), repeat=True)
 
-    from gemma_ft.distributed import use_local_gpu
+    from gemma_ft.distributed import use_local_gpu, world_size
     from gemma_ft.models.builtin import cache_dir
 
     use_local_gpu()  # as gemma_ft does: each rank on its own GPU before any CUDA call
@@ -339,8 +339,6 @@ def main() -> None:
         raise SystemExit(f"only {len(meter.times)} steps ran; need more than --warmup {args.warmup}")
     timed = slice(args.warmup, None)
     seconds, tokens = sum(meter.times[timed]), sum(meter.tokens[timed])
-    from gemma_ft.distributed import world_size
-
     gpus = world_size()
     if gpus > 1:  # under torchrun: every rank counted its own tokens; rank 0's clock times the (synchronised) steps
         import torch.distributed as dist
