@@ -7,20 +7,23 @@
 #   omp          the two-GPU run with OMP_NUM_THREADS = half the host's cores per rank (torchrun's default is 1)
 # Every GPU's utilisation and memory, and which process runs on which GPU, are logged each second meanwhile
 # (logs/gpu_monitor.csv, logs/gpu_apps.csv): is each rank on its own card, and how busy is it?
+# STEPS (default 20) timed steps after 5 warm-up steps; PROFILE_STEPS (default 0) more steps under torch.profiler
+# for the speed parts (logs/profile_*_rankN.txt: GPU kernel time against wall time, top ops by GPU and host time).
 # Random-init Gemma 3 270M architecture (ARCH=1b or 4b for the speed parts), realistic-length rows, unsloth's block
 # compile off (UNSLOTH_COMPILE_DISABLE=1: the comparison is between GPU counts, not compile states). Results under $OUT.
 #   PARTS=resume bash benchmarks/multi_gpu.sh
 set -o pipefail
 source benchmarks/gpu_setup.sh
 export UNSLOTH_COMPILE_DISABLE=1
-: ${DEADLINE:=560} ${PARTS:=speed resume} ${ARCH:=270m}
+: ${DEADLINE:=560} ${PARTS:=speed resume} ${ARCH:=270m} ${STEPS:=20} ${PROFILE_STEPS:=0}
 nvidia-smi -L
 mkdir -p $OUT/logs
 nvidia-smi --query-gpu=timestamp,index,utilization.gpu,memory.used --format=csv -l 1 > $OUT/logs/gpu_monitor.csv &
 while sleep 5; do nvidia-smi --query-compute-apps=timestamp,gpu_bus_id,pid,used_memory --format=csv,noheader; done \
     > $OUT/logs/gpu_apps.csv &
 prepare_bench 270m $ARCH  # 270m for the resume part
-B="benchmarks/throughput.py --case gemma_ft --arch $ARCH --steps 20 --warmup 5 --model-dir /tmp/bench/gemma3-$ARCH-random
+B="benchmarks/throughput.py --case gemma_ft --arch $ARCH --steps $STEPS --warmup 5 --profile-steps $PROFILE_STEPS
+   --model-dir /tmp/bench/gemma3-$ARCH-random
    --tokenizer $GEMMA_FT_CACHE/gemma3-tokenizer --out $OUT/multi_gpu.jsonl"
 C="$BENCH_270M_OVERRIDES train.per_device_train_batch_size=8 train.sampling=random train.eval_steps=0
    train.exact_match_rows=4 train.max_new_tokens=16 train.report_to=none train.save_steps=10 train.logging_steps=1
@@ -29,10 +32,10 @@ for part in $PARTS; do
   case $part in
     speed|speed2)
       if [ $part = speed ]; then
-        CUDA_VISIBLE_DEVICES=0 timeout $(time_left 200) python3 $B --workdir /tmp/w1 > $OUT/logs/gpu1_batch8.log 2>&1
+        CUDA_VISIBLE_DEVICES=0 timeout $(time_left 200) python3 $B --workdir /tmp/w1 --profile-out $OUT/logs/profile_gpu1.txt > $OUT/logs/gpu1_batch8.log 2>&1
         echo "1 GPU x 8 rc=$? at ${SECONDS}s"
       fi
-      timeout $(time_left 170) torchrun --nproc_per_node 2 $B --workdir /tmp/w2 > $OUT/logs/gpu2_batch8.log 2>&1
+      timeout $(time_left 170) torchrun --nproc_per_node 2 $B --workdir /tmp/w2 --profile-out $OUT/logs/profile_gpu2.txt > $OUT/logs/gpu2_batch8.log 2>&1
       echo "2 GPUs x 8 rc=$? at ${SECONDS}s" ;;
     resume)
       timeout $(time_left 180) torchrun --nproc_per_node 2 -m tests.helpers.interrupted_cli sigterm 10 $C \
@@ -45,7 +48,7 @@ for part in $PARTS; do
       ls /tmp/ddp_run ;;
     omp)
       threads=$(( $(nproc) / 2 ))
-      OMP_NUM_THREADS=$threads timeout $(time_left 170) torchrun --nproc_per_node 2 $B --workdir /tmp/w4 \
+      OMP_NUM_THREADS=$threads timeout $(time_left 170) torchrun --nproc_per_node 2 $B --workdir /tmp/w4 --profile-out $OUT/logs/profile_gpu2_omp.txt \
           > $OUT/logs/gpu2_batch8_omp.log 2>&1
       echo "2 GPUs x 8, OMP_NUM_THREADS=$threads rc=$? at ${SECONDS}s" ;;
     find_unused)
@@ -60,6 +63,9 @@ for l in open('$OUT/multi_gpu.jsonl'):
     d = json.loads(l)
     print(d['gpus'], 'x', d['batch'], 'find_unused', d['ddp_find_unused_parameters'], 'OMP', d.get('omp_num_threads'),
           round(d['tokens_per_s']),
-          'tok/s', round(d['s_per_step'], 3), 's/step', round(d['peak_reserved_gib'], 2), 'GiB', d['losses'][:20])
+          'tok/s', round(d['s_per_step'], 3), 's/step, median', round(d['median_s_per_step'], 3), round(d['peak_reserved_gib'], 2), 'GiB', d['losses'][:20])
 "
 kill %1 %2 2>/dev/null
+for profile in $OUT/logs/profile_*; do [ -f $profile ] && echo "$(basename $profile): $(head -1 $profile)"; done
+# $OUT brings back at most 8 files: the logs travel as one archive.
+tar -C $OUT -czf $OUT/logs.tar.gz logs && rm -rf $OUT/logs

@@ -100,7 +100,8 @@ def case_settings(args) -> tuple:
 class Meter:
     """Per-step wall time (GPU synchronised) and non-padding tokens, from a wrapped training_step."""
 
-    def __init__(self):
+    def __init__(self, profile_from: int | None = None, profile_out: Path | None = None):
+        self.profile_from, self.profile_out, self._profiler = profile_from, profile_out, None
         self.tokens: list[int] = []
         self.times: list[float] = []
         self.losses: list[float] = []
@@ -123,6 +124,8 @@ class Meter:
 
         class Timer(TrainerCallback):
             def on_step_begin(self, args, state, control, **kw):
+                if meter.profile_from is not None and len(meter.times) + 1 == meter.profile_from:
+                    meter.start_profiler()
                 synchronize()
                 meter._last = time.perf_counter()
 
@@ -142,6 +145,27 @@ class Meter:
 
         trainer.add_callback(Timer())
 
+    def start_profiler(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        self._profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+        self._profiler.__enter__()
+
+    def write_profile(self, steps: int) -> None:
+        """Where the profiled steps spent host and GPU time: is a step waiting on Python, kernels or collectives?"""
+        if self._profiler is None:
+            return
+        self._profiler.__exit__(None, None, None)
+        events = self._profiler.key_averages()
+        gpu_busy_us = sum(e.self_device_time_total for e in events)
+        wall = sum(self.times[-steps:])
+        with open(self.profile_out, "w") as handle:
+            handle.write(f"{steps} profiled steps, {wall:.3f} s wall, GPU kernels {gpu_busy_us / 1e6:.3f} s "
+                         f"({gpu_busy_us / 1e6 / wall:.0%} of the wall time)\n\n")
+            handle.write(events.table(sort_by="self_device_time_total", row_limit=35, max_name_column_width=70))
+            handle.write("\n\n")
+            handle.write(events.table(sort_by="self_cpu_time_total", row_limit=35, max_name_column_width=70))
+
 
 # case -> (per-device batch, gradient accumulation, optimizer, sampling); None: gemma_ft's shipped default.
 CASES = {
@@ -159,7 +183,7 @@ def sft_config(args, out: Path, **extra):
 
     batch, accumulation, optim, _ = case_settings(args)
     return SFTConfig(output_dir=str(out), per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
-                     max_steps=args.steps, learning_rate=2e-4, weight_decay=0.001, warmup_steps=5,
+                     max_steps=args.steps + args.profile_steps, learning_rate=2e-4, weight_decay=0.001, warmup_steps=5,
                      lr_scheduler_type="linear", optim=optim, logging_steps=1, save_strategy="no",
                      report_to=[], seed=3407, data_seed=3407, max_length=args.max_len, bf16=True,
                      dataset_num_proc=1, **extra)
@@ -173,7 +197,7 @@ def gemma_ft_config(args, data: Path, model_dir: Path):
 
     batch, accumulation, optim, sampling = case_settings(args)
     overrides = [f"model.name_or_path={model_dir}", f"data.path={data}", "data.columns.system=null",
-                 f"data.val_size={VAL_ROWS}", "lora.train_lm_head=false", f"train.max_steps={args.steps}",
+                 f"data.val_size={VAL_ROWS}", "lora.train_lm_head=false", f"train.max_steps={args.steps + args.profile_steps}",
                  f"train.max_seq_length={args.max_len}", "train.eval_steps=0", "train.exact_match_rows=0",
                  "train.report_to=none", "train.save_steps=100000", "train.logging_steps=1", "optim.warmup_steps=5"]
     if batch is not None:
@@ -292,6 +316,9 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/bench")
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--out")
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="run torch.profiler over this many extra steps after the timed ones; tables to --profile-out")
+    parser.add_argument("--profile-out", help="the profile tables' file (each rank adds _rankN)")
     parser.add_argument("--ddp-find-unused-parameters", action="store_true",
                         help="under torchrun: let DDP search for unused parameters (the Trainer's default for PEFT)")
     args = parser.parse_args()
@@ -331,13 +358,18 @@ def main() -> None:
         from accelerate.utils import DistributedDataParallelKwargs
 
         trainer.accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
-    meter = Meter()
+    profile_out = None
+    if args.profile_steps:
+        profile_out = Path(args.profile_out or "profile.txt")
+        profile_out = profile_out.with_name(f"{profile_out.stem}_rank{os.environ.get('RANK', '0')}{profile_out.suffix}")
+    meter = Meter(args.steps + 1 if args.profile_steps else None, profile_out)
     meter.wrap(trainer)
     trainer.train()
+    meter.write_profile(args.profile_steps)
 
     if len(meter.times) <= args.warmup:
         raise SystemExit(f"only {len(meter.times)} steps ran; need more than --warmup {args.warmup}")
-    timed = slice(args.warmup, None)
+    timed = slice(args.warmup, args.steps)
     seconds, tokens = sum(meter.times[timed]), sum(meter.tokens[timed])
     gpus = world_size()
     if gpus > 1:  # under torchrun: every rank counted its own tokens; rank 0's clock times the (synchronised) steps
