@@ -1,9 +1,9 @@
 # On one 2-GPU host: PARTS (default "speed resume") picks what runs, under one DEADLINE (s, default 560).
-#   speed        one GPU against two at batch 8 per GPU, back to back (a pair takes ~320 s with warm-up)
+#   speed        one GPU against two at batch 8 per GPU, back to back (a pair takes ~320 s with warm-up):
+#                speed1 then speed2, which also run alone (e.g. PARTS="speed2 speed1": the other order)
 #   resume       the documented torchrun command stopped by SIGTERM after step 10, then the same command again
 #                to resume and finish (~300 s: give it a call of its own after `speed`)
 #   find_unused  two GPUs with DDP's unused-parameter search on (the Trainer's default for PEFT models)
-#   speed2       only the two-GPU run of `speed`
 #   omp          the two-GPU run with OMP_NUM_THREADS = half the host's cores per rank (torchrun's default is 1)
 # Every GPU's utilisation and memory, and which process runs on which GPU, are logged each second meanwhile
 # (logs/gpu_monitor.csv, logs/gpu_apps.csv): is each rank on its own card, and how busy is it?
@@ -28,14 +28,15 @@ B="benchmarks/throughput.py --case gemma_ft --arch $ARCH --steps $STEPS --warmup
 C="$BENCH_270M_OVERRIDES train.per_device_train_batch_size=8 train.sampling=random train.eval_steps=0
    train.exact_match_rows=4 train.max_new_tokens=16 train.report_to=none train.save_steps=10 train.logging_steps=1
    optim.warmup_steps=5 debug.verbose=true run.dir=/tmp/ddp_run"
-for part in $PARTS; do
+for part in $(echo " $PARTS " | sed 's/ speed / speed1 speed2 /g'); do
   case $part in
-    speed|speed2)
-      if [ $part = speed ]; then
-        CUDA_VISIBLE_DEVICES=0 timeout $(time_left 200) python3 $B --workdir /tmp/w1 --profile-out $OUT/logs/profile_gpu1.txt > $OUT/logs/gpu1_batch8.log 2>&1
-        echo "1 GPU x 8 rc=$? at ${SECONDS}s"
-      fi
-      timeout $(time_left 170) torchrun --nproc_per_node 2 $B --workdir /tmp/w2 --profile-out $OUT/logs/profile_gpu2.txt > $OUT/logs/gpu2_batch8.log 2>&1
+    speed1)
+      CUDA_VISIBLE_DEVICES=0 timeout $(time_left 200) python3 $B --workdir /tmp/w1 --profile-out $OUT/logs/profile_gpu1.txt \
+          > $OUT/logs/gpu1_batch8.log 2>&1
+      echo "1 GPU x 8 rc=$? at ${SECONDS}s" ;;
+    speed2)
+      timeout $(time_left 170) torchrun --nproc_per_node 2 $B --workdir /tmp/w2 --profile-out $OUT/logs/profile_gpu2.txt \
+          > $OUT/logs/gpu2_batch8.log 2>&1
       echo "2 GPUs x 8 rc=$? at ${SECONDS}s" ;;
     resume)
       timeout $(time_left 180) torchrun --nproc_per_node 2 -m tests.helpers.interrupted_cli sigterm 10 $C \
@@ -66,6 +67,9 @@ for l in open('$OUT/multi_gpu.jsonl'):
           'tok/s', round(d['s_per_step'], 3), 's/step, median', round(d['median_s_per_step'], 3), round(d['peak_reserved_gib'], 2), 'GiB', d['losses'][:20])
 "
 kill %1 %2 2>/dev/null
+if [ "${SAVE_COMPILE_CACHE:-0}" = 1 ]; then  # carry it into a later call as .gpu_assets/compile_cache_*.tar.xz
+  tar -C $GEMMA_FT_CACHE -cJf $OUT/compile_cache_270m_ddp.tar.xz compile && ls -la $OUT/compile_cache_270m_ddp.tar.xz
+fi
 for profile in $OUT/logs/profile_*; do [ -f $profile ] && echo "$(basename $profile): $(head -1 $profile)"; done
 # $OUT brings back at most 8 files: the logs travel as one archive.
 tar -C $OUT -czf $OUT/logs.tar.gz logs && rm -rf $OUT/logs

@@ -18,7 +18,12 @@ from omegaconf import OmegaConf
 from gemma_ft.compile_cache import import_unsloth_with_persistent_compile_cache
 from gemma_ft.config import Config, to_typed
 from gemma_ft.data.conversations import Split, load_conversations, split_conversations
-from gemma_ft.distributed import is_main_process, use_local_gpu, wait_for_everyone
+from gemma_ft.distributed import (
+    is_main_process,
+    keep_unsloth_checkpointing_under_ddp,
+    use_local_gpu,
+    wait_for_everyone,
+)
 from gemma_ft.plots import plot_run_losses
 from gemma_ft.run_dir import check_writable, checkpoint_dir, plan_run
 from gemma_ft.validation import validate
@@ -68,6 +73,8 @@ def prepare(cfg: Any, run_dir: str | Path | None = None) -> Prepared:
 
     use_local_gpu()
     import_unsloth_with_persistent_compile_cache()
+    if keep_unsloth_checkpointing_under_ddp():
+        log.info("Several GPUs: unsloth's offloaded gradient checkpointing kept (its DDP default is slower)")
 
     release_accelerator_memory()  # a sweep's earlier job in this process must not count against this one
 

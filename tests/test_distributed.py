@@ -98,3 +98,18 @@ def test_each_rank_makes_its_own_gpu_current_before_cuda_is_used(monkeypatch, en
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
     use_local_gpu()
     assert chosen == expected
+
+
+@pytest.mark.parametrize("world, cuda, kept", [("2", True, True), ("1", True, False), ("2", False, False)])
+def test_unsloth_keeps_its_own_checkpointing_only_under_ddp_on_gpus(monkeypatch, world, cuda, kept):
+    import torch
+
+    import unsloth.models.vision as unsloth_vision
+    from gemma_ft.distributed import keep_unsloth_checkpointing_under_ddp
+
+    monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    # unsloth's own answer in a distributed run: non-reentrant (this test must notice if it is left in place)
+    monkeypatch.setattr(unsloth_vision, "vlm_gradient_checkpointing_reentrant", lambda: False)
+    assert keep_unsloth_checkpointing_under_ddp() is kept
+    assert unsloth_vision.vlm_gradient_checkpointing_reentrant() is kept
