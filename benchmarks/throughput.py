@@ -156,12 +156,17 @@ class Meter:
         if self._profiler is None:
             return
         self._profiler.__exit__(None, None, None)
+        from torch.autograd import DeviceType
+
         events = self._profiler.key_averages()
-        gpu_busy_us = sum(e.self_device_time_total for e in events)
+        # GPU kernels only, as the table's "Self CUDA time total": not the host ops' share of them again, nor
+        # annotated ranges such as DistributedDataParallel.forward. NCCL kernels count while they wait for a peer.
+        gpu_s = sum(e.self_device_time_total for e in events
+                    if e.device_type == DeviceType.CUDA and not e.is_user_annotation) / 1e6
         wall = sum(self.times[-steps:])
         with open(self.profile_out, "w") as handle:
-            handle.write(f"{steps} profiled steps, {wall:.3f} s wall, GPU kernels {gpu_busy_us / 1e6:.3f} s "
-                         f"({gpu_busy_us / 1e6 / wall:.0%} of the wall time)\n\n")
+            handle.write(f"{steps} profiled steps, {wall:.3f} s wall, GPU kernels {gpu_s:.3f} s "
+                         f"({gpu_s / wall:.0%} of the wall time)\n\n")
             handle.write(events.table(sort_by="self_device_time_total", row_limit=35, max_name_column_width=70))
             handle.write("\n\n")
             handle.write(events.table(sort_by="self_cpu_time_total", row_limit=35, max_name_column_width=70))

@@ -14,7 +14,10 @@ import os
 import signal
 import sys
 
-import unsloth  # noqa: F401, I001
+from gemma_ft.distributed import use_local_gpu
+
+use_local_gpu()  # as gemma_ft does, before unsloth touches CUDA: else rank 1 opens a context on GPU 0
+import unsloth  # noqa: F401, E402, I001
 
 from transformers import Trainer, TrainerCallback
 
