@@ -39,9 +39,9 @@ def keep_unsloth_checkpointing_under_ddp() -> bool:
     distributed run to torch's non-reentrant checkpointing with saved-tensor offload hooks (unsloth PR #3751, for
     vision models, where DDP searches for unused parameters and a re-entrant backward marks a weight ready twice;
     the PR itself calls the switch a slower stop-gap). gemma_ft trains text models with that search off
-    (training.py), so each trainable weight gets its gradient once per step either way. The profile of 2 x H200
-    showed the switch in every step: 0.08 s more host time per step than the one-GPU run's, which is host-bound.
-    Returns whether unsloth's choice was overridden.
+    (training.py), so each trainable weight gets its gradient once per step either way. On 2 x H200 the switch
+    cost 0.08 s of host time per (host-bound) step; keeping unsloth's checkpointing took the two-GPU speed-up from
+    1.39x to 1.87x (benchmarks/results/2026-11-27-s5). Returns whether unsloth's choice was overridden.
     """
     if world_size() <= 1:
         return False
