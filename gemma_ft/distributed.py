@@ -57,6 +57,30 @@ def keep_unsloth_checkpointing_under_ddp() -> bool:
     return True
 
 
+def load_adapters_on_own_gpu(model) -> bool:
+    """Under torchrun on GPUs, make `model.load_adapter` (what the Trainer calls to resume a LoRA run) load the
+    weights onto this rank's GPU.
+
+    peft loads to device "cuda" by default, and safetensors reads a bare "cuda" as GPU 0, not the current device:
+    on 2 x H200, rank 1 of a resumed run opened a context on GPU 0 there and held 518 MiB of it for the rest of
+    the run. Returns whether `model.load_adapter` was wrapped.
+    """
+    if world_size() <= 1 or not hasattr(model, "load_adapter"):
+        return False
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    load_adapter = model.load_adapter
+    own_gpu = f"cuda:{torch.cuda.current_device()}"
+
+    def load_adapter_on_own_gpu(*args, torch_device=None, **kwargs):
+        return load_adapter(*args, torch_device=torch_device or own_gpu, **kwargs)
+
+    model.load_adapter = load_adapter_on_own_gpu
+    return True
+
+
 def wait_for_everyone() -> None:
     """A barrier across ranks (a no-op in a single process); starts the process group if nobody has yet."""
     if world_size() > 1:

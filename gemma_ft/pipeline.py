@@ -21,6 +21,7 @@ from gemma_ft.data.conversations import Split, load_conversations, split_convers
 from gemma_ft.distributed import (
     is_main_process,
     keep_unsloth_checkpointing_under_ddp,
+    load_adapters_on_own_gpu,
     use_local_gpu,
     wait_for_everyone,
 )
@@ -93,6 +94,8 @@ def prepare(cfg: Any, run_dir: str | Path | None = None) -> Prepared:
     tokenizer = apply_gemma3_template(load_tokenizer(model_path))
     model = load_model(cfg.model, model_path, cfg.train.max_seq_length)
     model = add_lora_adapters(model, cfg.lora, cfg.train.seed)
+    if plan.resume_from is not None:
+        load_adapters_on_own_gpu(model)
 
     # The data lives in memory; caching it on disk would only cost time.
     datasets.disable_caching()

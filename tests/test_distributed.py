@@ -113,3 +113,24 @@ def test_unsloth_keeps_its_own_checkpointing_only_under_ddp_on_gpus(monkeypatch,
     monkeypatch.setattr(unsloth_vision, "vlm_gradient_checkpointing_reentrant", lambda: False)
     assert keep_unsloth_checkpointing_under_ddp() is kept
     assert unsloth_vision.vlm_gradient_checkpointing_reentrant() is kept
+
+
+@pytest.mark.parametrize("world, cuda, device", [("2", True, "cuda:1"), ("1", True, None), ("2", False, None)])
+def test_a_resumed_rank_loads_its_adapter_onto_its_own_gpu(monkeypatch, world, cuda, device):
+    import torch
+
+    from gemma_ft.distributed import load_adapters_on_own_gpu
+
+    class Model:  # records what the Trainer's resume would ask peft for
+        def load_adapter(self, model_id, adapter_name, is_trainable=False, torch_device=None):
+            self.loaded = (model_id, adapter_name, is_trainable, torch_device)
+
+    monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    model = Model()
+    assert load_adapters_on_own_gpu(model) is (device is not None)
+    model.load_adapter("checkpoint-11", "default", is_trainable=True)
+    assert model.loaded == ("checkpoint-11", "default", True, device)  # peft's own default (None -> "cuda") else
+    model.load_adapter("checkpoint-11", "default", torch_device="cpu")
+    assert model.loaded[3] == "cpu"  # a device the caller names wins
