@@ -8,7 +8,8 @@
 # Every GPU's utilisation and memory, and which process runs on which GPU, are logged each second meanwhile
 # (logs/gpu_monitor.csv, logs/gpu_apps.csv): is each rank on its own card, and how busy is it?
 # STEPS (default 20) timed steps after 5 warm-up steps; PROFILE_STEPS (default 0) more steps under torch.profiler
-# for the speed parts (logs/profile_*_rankN.txt: GPU kernel time against wall time, top ops by GPU and host time).
+# for the speed parts (logs/profile_*_rankN.txt: GPU kernel time against wall time, top ops by GPU and host time,
+# and the Python call sites where the host may wait for the GPU).
 # Random-init Gemma 3 270M architecture (ARCH=1b or 4b for the speed parts), realistic-length rows, unsloth's block
 # compile off (UNSLOTH_COMPILE_DISABLE=1: the comparison is between GPU counts, not compile states). Results under $OUT.
 #   PARTS=resume bash benchmarks/multi_gpu.sh

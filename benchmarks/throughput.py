@@ -146,9 +146,12 @@ class Meter:
         trainer.add_callback(Timer())
 
     def start_profiler(self) -> None:
+        from torch._C._profiler import _ExperimentalConfig
         from torch.profiler import ProfilerActivity, profile
 
-        self._profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+        # verbose: without it torch 2.14 records no Python stacks for the ops (their `stack` stays empty)
+        self._profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True,
+                                 experimental_config=_ExperimentalConfig(verbose=True))
         self._profiler.__enter__()
 
     def write_profile(self, steps: int) -> None:
@@ -170,8 +173,16 @@ class Meter:
             handle.write(events.table(sort_by="self_device_time_total", row_limit=35, max_name_column_width=70))
             handle.write("\n\n")
             handle.write(events.table(sort_by="self_cpu_time_total", row_limit=35, max_name_column_width=70))
+            handle.write("\n\nWhere the host may wait for the GPU (Python call sites, most frequent first):\n")
+            by_stack = self._profiler.key_averages(group_by_stack_n=6)
+            waits = [e for e in by_stack if e.key in HOST_WAITS and e.stack]
+            for event in sorted(waits, key=lambda e: -e.count)[:12]:
+                handle.write(f"\n{event.count} x {event.key}\n" + "".join(f"    {frame}\n" for frame in event.stack))
 
 
+# Where the host may wait for the GPU: a value copied to the host (.item(), bool(tensor)), and the CUDA calls that
+# copy or synchronise (aten::_to_copy is left out: it is mostly dtype casts on the device).
+HOST_WAITS = ("aten::_local_scalar_dense", "aten::is_nonzero", "cudaStreamSynchronize", "cudaMemcpyAsync")
 # case -> (per-device batch, gradient accumulation, optimizer, sampling); None: gemma_ft's shipped default.
 CASES = {
     "gemma_ft": (8, 1, "adamw_torch", "random"),
