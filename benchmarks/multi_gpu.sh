@@ -29,6 +29,11 @@ B="benchmarks/throughput.py --case gemma_ft --arch $ARCH --steps $STEPS --warmup
 C="$BENCH_270M_OVERRIDES train.per_device_train_batch_size=8 train.sampling=random train.eval_steps=0
    train.exact_match_rows=4 train.max_new_tokens=16 train.report_to=none train.save_steps=10 train.logging_steps=1
    optim.warmup_steps=5 debug.verbose=true run.dir=/tmp/ddp_run"
+two_gpus() {  # log name (gpu2_batch8*), extra throughput.py arguments...: one benchmark run over 2 GPUs
+  local name=$1; shift
+  timeout $(time_left 170) torchrun --nproc_per_node 2 $B --workdir /tmp/$name --profile-out $OUT/logs/profile_$name.txt \
+      "$@" > $OUT/logs/$name.log 2>&1
+}
 for part in $(echo " $PARTS " | sed 's/ speed / speed1 speed2 /g'); do
   case $part in
     speed1)
@@ -36,8 +41,7 @@ for part in $(echo " $PARTS " | sed 's/ speed / speed1 speed2 /g'); do
           > $OUT/logs/gpu1_batch8.log 2>&1
       echo "1 GPU x 8 rc=$? at ${SECONDS}s" ;;
     speed2)
-      timeout $(time_left 170) torchrun --nproc_per_node 2 $B --workdir /tmp/w2 --profile-out $OUT/logs/profile_gpu2.txt \
-          > $OUT/logs/gpu2_batch8.log 2>&1
+      two_gpus gpu2_batch8
       echo "2 GPUs x 8 rc=$? at ${SECONDS}s" ;;
     resume)
       timeout $(time_left 180) torchrun --nproc_per_node 2 -m tests.helpers.interrupted_cli sigterm 10 $C \
@@ -50,12 +54,10 @@ for part in $(echo " $PARTS " | sed 's/ speed / speed1 speed2 /g'); do
       ls /tmp/ddp_run ;;
     omp)
       threads=$(( $(nproc) / 2 ))
-      OMP_NUM_THREADS=$threads timeout $(time_left 170) torchrun --nproc_per_node 2 $B --workdir /tmp/w4 --profile-out $OUT/logs/profile_gpu2_omp.txt \
-          > $OUT/logs/gpu2_batch8_omp.log 2>&1
+      OMP_NUM_THREADS=$threads two_gpus gpu2_batch8_omp
       echo "2 GPUs x 8, OMP_NUM_THREADS=$threads rc=$? at ${SECONDS}s" ;;
     find_unused)
-      timeout $(time_left 170) torchrun --nproc_per_node 2 $B --workdir /tmp/w3 --ddp-find-unused-parameters \
-          > $OUT/logs/gpu2_batch8_find_unused.log 2>&1
+      two_gpus gpu2_batch8_find_unused --ddp-find-unused-parameters
       echo "2 GPUs x 8, find_unused_parameters rc=$? at ${SECONDS}s" ;;
   esac
 done

@@ -91,6 +91,11 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
+def trained_steps(args) -> int:
+    """The timed steps (with their warm-up) and the profiled ones after them."""
+    return args.steps + args.profile_steps
+
+
 def case_settings(args) -> tuple:
     """(per-device batch, accumulation, optimizer, sampling) of the case; --batch overrides the batch."""
     batch, accumulation, optim, sampling = CASES[args.case]
@@ -100,8 +105,9 @@ def case_settings(args) -> tuple:
 class Meter:
     """Per-step wall time (GPU synchronised) and non-padding tokens, from a wrapped training_step."""
 
-    def __init__(self, profile_from: int | None = None, profile_out: Path | None = None):
-        self.profile_from, self.profile_out, self._profiler = profile_from, profile_out, None
+    def __init__(self, profile_after: int | None = None, profile_out: Path | None = None):
+        """profile_after: profile every step after this many (into profile_out); None: no profile."""
+        self.profile_after, self.profile_out, self._profiler = profile_after, profile_out, None
         self.tokens: list[int] = []
         self.times: list[float] = []
         self.losses: list[float] = []
@@ -124,7 +130,7 @@ class Meter:
 
         class Timer(TrainerCallback):
             def on_step_begin(self, args, state, control, **kw):
-                if meter.profile_from is not None and len(meter.times) + 1 == meter.profile_from:
+                if meter.profile_after is not None and len(meter.times) == meter.profile_after:
                     meter.start_profiler()
                 synchronize()
                 meter._last = time.perf_counter()
@@ -154,10 +160,11 @@ class Meter:
                                  experimental_config=_ExperimentalConfig(verbose=True))
         self._profiler.__enter__()
 
-    def write_profile(self, steps: int) -> None:
+    def write_profile(self) -> None:
         """Where the profiled steps spent host and GPU time: is a step waiting on Python, kernels or collectives?"""
         if self._profiler is None:
             return
+        steps = len(self.times) - self.profile_after
         self._profiler.__exit__(None, None, None)
         from torch.autograd import DeviceType
 
@@ -199,7 +206,7 @@ def sft_config(args, out: Path, **extra):
 
     batch, accumulation, optim, _ = case_settings(args)
     return SFTConfig(output_dir=str(out), per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
-                     max_steps=args.steps + args.profile_steps, learning_rate=2e-4, weight_decay=0.001, warmup_steps=5,
+                     max_steps=trained_steps(args), learning_rate=2e-4, weight_decay=0.001, warmup_steps=5,
                      lr_scheduler_type="linear", optim=optim, logging_steps=1, save_strategy="no",
                      report_to=[], seed=3407, data_seed=3407, max_length=args.max_len, bf16=True,
                      dataset_num_proc=1, **extra)
@@ -213,7 +220,7 @@ def gemma_ft_config(args, data: Path, model_dir: Path):
 
     batch, accumulation, optim, sampling = case_settings(args)
     overrides = [f"model.name_or_path={model_dir}", f"data.path={data}", "data.columns.system=null",
-                 f"data.val_size={VAL_ROWS}", "lora.train_lm_head=false", f"train.max_steps={args.steps + args.profile_steps}",
+                 f"data.val_size={VAL_ROWS}", "lora.train_lm_head=false", f"train.max_steps={trained_steps(args)}",
                  f"train.max_seq_length={args.max_len}", "train.eval_steps=0", "train.exact_match_rows=0",
                  "train.report_to=none", "train.save_steps=100000", "train.logging_steps=1", "optim.warmup_steps=5"]
     if batch is not None:
@@ -378,10 +385,10 @@ def main() -> None:
     if args.profile_steps:
         profile_out = Path(args.profile_out or "profile.txt")
         profile_out = profile_out.with_name(f"{profile_out.stem}_rank{os.environ.get('RANK', '0')}{profile_out.suffix}")
-    meter = Meter(args.steps + 1 if args.profile_steps else None, profile_out)
+    meter = Meter(args.steps if args.profile_steps else None, profile_out)
     meter.wrap(trainer)
     trainer.train()
-    meter.write_profile(args.profile_steps)
+    meter.write_profile()
 
     if len(meter.times) <= args.warmup:
         raise SystemExit(f"only {len(meter.times)} steps ran; need more than --warmup {args.warmup}")

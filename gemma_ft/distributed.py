@@ -19,17 +19,25 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def _ranks_on_gpus() -> bool:
+    """Several processes (torchrun, a SLURM job of several tasks) on a machine with CUDA GPUs."""
+    if world_size() <= 1:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def use_local_gpu() -> None:
     """Under torchrun, make this rank's own GPU (LOCAL_RANK) the current one before anything touches CUDA.
 
     Otherwise the first CUDA call (importing unsloth queries the GPU) opens a context on GPU 0 from every rank:
     on two H100s, rank 1 held 716 MiB of GPU 0 for its whole run.
     """
-    if world_size() > 1 and "LOCAL_RANK" in os.environ:
+    if "LOCAL_RANK" in os.environ and _ranks_on_gpus():
         import torch
 
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
 
 
 def keep_unsloth_checkpointing_under_ddp() -> bool:
@@ -43,11 +51,7 @@ def keep_unsloth_checkpointing_under_ddp() -> bool:
     cost 0.08 s of host time per (host-bound) step; keeping unsloth's checkpointing took the two-GPU speed-up from
     1.39x to 1.87x (benchmarks/results/2026-11-27-s5). Returns whether unsloth's choice was overridden.
     """
-    if world_size() <= 1:
-        return False
-    import torch
-
-    if not torch.cuda.is_available():  # unsloth's CPU backend checkpoints the stock way, with or without this
+    if not _ranks_on_gpus():  # unsloth's CPU backend checkpoints the stock way, with or without this
         return False
     import unsloth.models.vision as unsloth_vision
 
@@ -65,12 +69,10 @@ def load_adapters_on_own_gpu(model) -> bool:
     on 2 x H200, rank 1 of a resumed run opened a context on GPU 0 there and held 518 MiB of it for the rest of
     the run. Returns whether `model.load_adapter` was wrapped.
     """
-    if world_size() <= 1 or not hasattr(model, "load_adapter"):
+    if not (hasattr(model, "load_adapter") and _ranks_on_gpus()):
         return False
     import torch
 
-    if not torch.cuda.is_available():
-        return False
     load_adapter = model.load_adapter
     own_gpu = f"cuda:{torch.cuda.current_device()}"
 
