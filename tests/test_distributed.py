@@ -134,3 +134,22 @@ def test_a_resumed_rank_loads_its_adapter_onto_its_own_gpu(monkeypatch, world, c
     assert model.loaded == ("checkpoint-11", "default", True, device)  # peft's own default (None -> "cuda") else
     model.load_adapter("checkpoint-11", "default", torch_device="cpu")
     assert model.loaded[3] == "cpu"  # a device the caller names wins
+
+
+def test_a_slurm_job_of_several_tasks_becomes_one_torch_distributed_run(monkeypatch):
+    """What a task of a 4-GPU SLURM job (hydra/launcher=slurm) sees: torch's variables, as torchrun would set them."""
+    from gemma_ft.distributed import export_submitit_environment
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(key, "")  # recorded, so that what the export writes is undone after the test
+        monkeypatch.delenv(key)
+    slurm = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "4", "SLURM_JOB_NUM_NODES": "1",
+             "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "gpu-node-7", "SLURM_PROCID": "2", "SLURM_LOCALID": "2"}
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    export_submitit_environment()
+    exported = {key: os.environ.get(key) for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    assert exported == {"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "2", "MASTER_ADDR": "gpu-node-7"}
+    assert os.environ["MASTER_PORT"].isdigit()
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"  # every task sees the node's GPUs; LOCAL_RANK picks one
