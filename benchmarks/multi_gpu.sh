@@ -1,29 +1,34 @@
-# On one 2-GPU host: PARTS (default "speed resume") picks what runs, under one DEADLINE (s, default 560).
-#   speed        one GPU against two at batch 8 per GPU, back to back (a pair takes ~320 s with warm-up):
-#                speed1 then speed2, which also run alone (e.g. PARTS="speed2 speed1": the other order)
+# On one 2-GPU host: PARTS (default "speed resume") picks what runs, in order, under one DEADLINE (s, default 560).
+#   speed        one GPU against two at batch 8 per GPU, back to back: speed1 then speed2, which also run alone and
+#                may repeat (PARTS="speed2 speed1 speed1 speed2": two pairs, each order once; logs get _2, _3...)
 #   resume       the documented torchrun command stopped by SIGTERM after step 10, then the same command again
-#                to resume and finish (~300 s: give it a call of its own after `speed`)
-#   find_unused  two GPUs with DDP's unused-parameter search on (the Trainer's default for PEFT models)
+#                to resume and finish (~300 s with a cold Triton cache)
+#   find_unused, static_graph, bucket_view   two GPUs with that DistributedDataParallel option on (find_unused:
+#                the Trainer's default for PEFT models; gemma_ft turns it off)
 #   omp          the two-GPU run with OMP_NUM_THREADS = half the host's cores per rank (torchrun's default is 1)
 # Every GPU's utilisation and memory, and which process runs on which GPU, are logged each second meanwhile
 # (logs/gpu_monitor.csv, logs/gpu_apps.csv): is each rank on its own card, and how busy is it?
-# STEPS (default 20) timed steps after 5 warm-up steps; PROFILE_STEPS (default 0) more steps under torch.profiler
-# for the speed parts (logs/profile_*_rankN.txt: GPU kernel time against wall time, top ops by GPU and host time,
-# and the Python call sites where the host may wait for the GPU).
+# STEPS (default 20) timed steps after WARMUP (default 5) steps; PROFILE_STEPS (default 0) more steps under
+# torch.profiler for the speed parts (logs/profile_*_rankN.txt: GPU kernel time against wall time, top ops by GPU
+# and host time, and the Python call sites where the host may wait for the GPU).
 # Random-init Gemma 3 270M architecture (ARCH=1b or 4b for the speed parts), realistic-length rows, unsloth's block
-# compile off (UNSLOTH_COMPILE_DISABLE=1: the comparison is between GPU counts, not compile states). Results under $OUT.
+# compile off (UNSLOTH_COMPILE_DISABLE=1: the comparison is between GPU counts, not compile states). Results under $OUT;
+# SAVE_TRITON_CACHE=1 also returns the Triton kernels compiled here (carry them as .gpu_assets/triton_cache.tar.xz).
 #   PARTS=resume bash benchmarks/multi_gpu.sh
 set -o pipefail
 source benchmarks/gpu_setup.sh
 export UNSLOTH_COMPILE_DISABLE=1
-: ${DEADLINE:=560} ${PARTS:=speed resume} ${ARCH:=270m} ${STEPS:=20} ${PROFILE_STEPS:=0}
+# unsloth's Triton kernels take ~70 s to compile in a run's first two steps: keep them across runs and calls
+export TRITON_CACHE_DIR=$GEMMA_FT_CACHE/triton
+[ -f .gpu_assets/triton_cache.tar.xz ] && [ ! -d $TRITON_CACHE_DIR ] && tar -C $GEMMA_FT_CACHE -xJf .gpu_assets/triton_cache.tar.xz
+: ${DEADLINE:=560} ${PARTS:=speed resume} ${ARCH:=270m} ${STEPS:=20} ${WARMUP:=5} ${PROFILE_STEPS:=0}
 nvidia-smi -L
 mkdir -p $OUT/logs
 nvidia-smi --query-gpu=timestamp,index,utilization.gpu,memory.used --format=csv -l 1 > $OUT/logs/gpu_monitor.csv &
 while sleep 5; do nvidia-smi --query-compute-apps=timestamp,gpu_bus_id,pid,used_memory --format=csv,noheader; done \
     > $OUT/logs/gpu_apps.csv &
 prepare_bench 270m $ARCH  # 270m for the resume part
-B="benchmarks/throughput.py --case gemma_ft --arch $ARCH --steps $STEPS --warmup 5 --profile-steps $PROFILE_STEPS
+B="benchmarks/throughput.py --case gemma_ft --arch $ARCH --steps $STEPS --warmup $WARMUP --profile-steps $PROFILE_STEPS
    --model-dir /tmp/bench/gemma3-$ARCH-random
    --tokenizer $GEMMA_FT_CACHE/gemma3-tokenizer --out $OUT/multi_gpu.jsonl"
 C="$BENCH_270M_OVERRIDES train.per_device_train_batch_size=8 train.sampling=random train.eval_steps=0
@@ -31,17 +36,20 @@ C="$BENCH_270M_OVERRIDES train.per_device_train_batch_size=8 train.sampling=rand
    optim.warmup_steps=5 debug.verbose=true run.dir=/tmp/ddp_run"
 two_gpus() {  # log name (gpu2_batch8*), extra throughput.py arguments...: one benchmark run over 2 GPUs
   local name=$1; shift
-  timeout $(time_left 170) torchrun --nproc_per_node 2 $B --workdir /tmp/$name --profile-out $OUT/logs/profile_$name.txt \
+  timeout $(time_left 300) torchrun --nproc_per_node 2 $B --workdir /tmp/$name --profile-out $OUT/logs/profile_$name.txt \
       "$@" > $OUT/logs/$name.log 2>&1
 }
+declare -A runs  # how often each part ran so far: a repeat's logs get _2, _3, ...
 for part in $(echo " $PARTS " | sed 's/ speed / speed1 speed2 /g'); do
+  runs[$part]=$(( ${runs[$part]:-0} + 1 ))
+  n=$([ ${runs[$part]} = 1 ] || echo _${runs[$part]})
   case $part in
     speed1)
-      CUDA_VISIBLE_DEVICES=0 timeout $(time_left 200) python3 $B --workdir /tmp/w1 --profile-out $OUT/logs/profile_gpu1.txt \
-          > $OUT/logs/gpu1_batch8.log 2>&1
+      CUDA_VISIBLE_DEVICES=0 timeout $(time_left 300) python3 $B --workdir /tmp/w1 --profile-out $OUT/logs/profile_gpu1$n.txt \
+          > $OUT/logs/gpu1_batch8$n.log 2>&1
       echo "1 GPU x 8 rc=$? at ${SECONDS}s" ;;
     speed2)
-      two_gpus gpu2_batch8
+      two_gpus gpu2_batch8$n
       echo "2 GPUs x 8 rc=$? at ${SECONDS}s" ;;
     resume)
       timeout $(time_left 180) torchrun --nproc_per_node 2 -m tests.helpers.interrupted_cli sigterm 10 $C \
@@ -54,24 +62,25 @@ for part in $(echo " $PARTS " | sed 's/ speed / speed1 speed2 /g'); do
       ls /tmp/ddp_run ;;
     omp)
       threads=$(( $(nproc) / 2 ))
-      OMP_NUM_THREADS=$threads two_gpus gpu2_batch8_omp
+      OMP_NUM_THREADS=$threads two_gpus gpu2_batch8_omp$n
       echo "2 GPUs x 8, OMP_NUM_THREADS=$threads rc=$? at ${SECONDS}s" ;;
-    find_unused)
-      two_gpus gpu2_batch8_find_unused --ddp-find-unused-parameters
-      echo "2 GPUs x 8, find_unused_parameters rc=$? at ${SECONDS}s" ;;
+    find_unused|static_graph|bucket_view)
+      option=$([ $part = find_unused ] && echo find_unused_parameters || { [ $part = bucket_view ] && echo gradient_as_bucket_view || echo $part; })
+      two_gpus gpu2_batch8_$part$n --ddp $option=true
+      echo "2 GPUs x 8, $option rc=$? at ${SECONDS}s" ;;
   esac
 done
 [ -f $OUT/multi_gpu.jsonl ] && python3 -c "
 import json
 for l in open('$OUT/multi_gpu.jsonl'):
     d = json.loads(l)
-    print(d['gpus'], 'x', d['batch'], 'find_unused', d['ddp_find_unused_parameters'], 'OMP', d.get('omp_num_threads'),
+    print(d['gpus'], 'x', d['batch'], 'DDP', d.get('ddp_options'), 'OMP', d.get('omp_num_threads'),
           round(d['tokens_per_s']),
           'tok/s', round(d['s_per_step'], 3), 's/step, median', round(d['median_s_per_step'], 3), round(d['peak_reserved_gib'], 2), 'GiB', d['losses'][:20])
 "
 kill %1 %2 2>/dev/null
-if [ "${SAVE_COMPILE_CACHE:-0}" = 1 ]; then  # carry it into a later call as .gpu_assets/compile_cache_*.tar.xz
-  tar -C $GEMMA_FT_CACHE -cJf $OUT/compile_cache_270m_ddp.tar.xz compile && ls -la $OUT/compile_cache_270m_ddp.tar.xz
+if [ "${SAVE_TRITON_CACHE:-0}" = 1 ]; then
+  tar -C $GEMMA_FT_CACHE -cJf $OUT/triton_cache.tar.xz triton && ls -la $OUT/triton_cache.tar.xz
 fi
 for profile in $OUT/logs/profile_*; do [ -f $profile ] && echo "$(basename $profile): $(head -1 $profile)"; done
 # $OUT brings back at most 8 files: the logs travel as one archive.

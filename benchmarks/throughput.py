@@ -102,6 +102,22 @@ def case_settings(args) -> tuple:
     return (args.batch or batch, accumulation, optim, sampling)
 
 
+def parse_ddp_options(pairs: list[str]) -> dict[str, bool]:
+    """["static_graph=true", ...] -> {"static_graph": True, ...}: DistributedDataParallel's boolean options."""
+    from dataclasses import fields
+
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    known = {field.name for field in fields(DistributedDataParallelKwargs) if field.type in (bool, "bool")}
+    options = {}
+    for pair in pairs:
+        option, _, value = pair.partition("=")
+        if option not in known or value.lower() not in ("true", "false"):
+            raise SystemExit(f"--ddp {pair}: expected OPTION=true|false with OPTION one of {sorted(known)}")
+        options[option] = value.lower() == "true"
+    return options
+
+
 class Meter:
     """Per-step wall time (GPU synchronised) and non-padding tokens, from a wrapped training_step."""
 
@@ -342,8 +358,10 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=0,
                         help="run torch.profiler over this many extra steps after the timed ones; tables to --profile-out")
     parser.add_argument("--profile-out", help="the profile tables' file (each rank adds _rankN)")
-    parser.add_argument("--ddp-find-unused-parameters", action="store_true",
-                        help="under torchrun: let DDP search for unused parameters (the Trainer's default for PEFT)")
+    parser.add_argument("--ddp", action="append", default=[], metavar="OPTION=true|false",
+                        help="under torchrun: a DistributedDataParallel option set on top of the Trainer's, e.g. "
+                             "find_unused_parameters=true (the Trainer's default for PEFT), static_graph=true, "
+                             "gradient_as_bucket_view=true; repeatable")
     args = parser.parse_args()
     if args.prepare_only:
         prepare_inputs(args)
@@ -377,10 +395,14 @@ def main() -> None:
         trainer = case_unsloth(args, data, model_dir)
     else:
         trainer = case_hf(args, data, model_dir)
-    if args.ddp_find_unused_parameters:
+    ddp_options = parse_ddp_options(args.ddp)
+    if ddp_options:
         from accelerate.utils import DistributedDataParallelKwargs
 
-        trainer.accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
+        handler = trainer.accelerator.ddp_handler or DistributedDataParallelKwargs()
+        for option, value in ddp_options.items():
+            setattr(handler, option, value)
+        trainer.accelerator.ddp_handler = handler
     profile_out = None
     if args.profile_steps:
         profile_out = Path(args.profile_out or "profile.txt")
@@ -425,6 +447,7 @@ def main() -> None:
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "ddp_find_unused_parameters": bool(gpus > 1 and trainer.accelerator.ddp_handler
                                            and trainer.accelerator.ddp_handler.find_unused_parameters),
+        "ddp_options": ddp_options, "step_times_s": meter.times, "step_tokens_rank0": meter.tokens,
     }
     with open(args.out, "a") as handle:
         handle.write(json.dumps(result) + "\n")
