@@ -41,6 +41,11 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset, cfg: Config, ch
         # The Trainer asks DDP to search for unused parameters whenever the model is a PeftModel: a walk of the
         # autograd graph every step on several GPUs. Every LoRA weight is used in every forward pass, so skip it.
         ddp_find_unused_parameters=False,
+        # DDP would also broadcast the model's buffers from rank 0 before every forward pass: a collective and its
+        # copies each step. Gemma 3's buffers (rotary frequencies, the embedding scale) are constants that every
+        # rank computes from the config. transformers documents False as the default with gradient checkpointing
+        # but passes nothing unless it is set (DDP's default is True).
+        ddp_broadcast_buffers=False,
         per_device_train_batch_size=t.per_device_train_batch_size,
         per_device_eval_batch_size=t.per_device_eval_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,

@@ -43,6 +43,15 @@ def test_labels_are_exactly_the_assistant_replies(prepared):
             assert row["input_ids"][:2] == [tokenizer.bos_token_id, 105]  # one BOS, then the first turn
 
 
+def test_ddp_neither_searches_for_unused_weights_nor_broadcasts_the_constant_buffers(prepared):
+    # What DDP is told under torchrun. Both would cost every step of a several-GPU run: every LoRA weight gets its
+    # gradient each step, and the only buffers are ones each rank computes from the config.
+    ddp = prepared.trainer.accelerator.ddp_handler
+    assert ddp.find_unused_parameters is False and ddp.broadcast_buffers is False
+    buffers = {name.rsplit(".", 1)[-1] for name, _ in prepared.trainer.model.named_buffers()}
+    assert buffers and all(name == "embed_scale" or name.endswith("inv_freq") for name in buffers), buffers
+
+
 def test_reply_cut_off_by_max_seq_length_is_dropped_and_counted(tmp_path):
     rows = chess_rows(8)
     rows[2][0] = "a very long system prompt " * 40
