@@ -1,4 +1,5 @@
-"""The benchmark's paired-step comparison (benchmarks/paired_steps.py), on synthetic logs."""
+"""The benchmark tools: the paired-step comparison (benchmarks/paired_steps.py) on synthetic logs, and the DDP
+options throughput.py accepts."""
 
 from __future__ import annotations
 
@@ -7,14 +8,18 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "paired_steps.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def paired_steps():
-    spec = importlib.util.spec_from_file_location("paired_steps", SCRIPT)
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def paired_steps():
+    return load_script("paired_steps")
 
 
 def write_log(path: Path, steps: dict[int, tuple[float, int]]) -> Path:
@@ -36,3 +41,12 @@ def test_different_batches_are_refused(tmp_path):
     cand = write_log(tmp_path / "b.log", {6: (0.2, 301)})
     with pytest.raises(SystemExit, match="not the same batches"):
         paired_steps().paired_speed_ratio(base, cand)
+
+
+def test_ddp_options_are_parsed_as_booleans_and_unknown_ones_refused():
+    parse = load_script("throughput").parse_ddp_options
+    assert parse(["static_graph=true", "gradient_as_bucket_view=False"]) == {
+        "static_graph": True, "gradient_as_bucket_view": False}
+    for bad in ("static_graph=yes", "bucket_cap_mb=true", "no_such_option=true"):
+        with pytest.raises(SystemExit, match=bad.split("=")[0]):
+            parse([bad])
