@@ -39,6 +39,7 @@ two_gpus() {  # log name (gpu2_batch8*), extra throughput.py arguments...: one b
   timeout $(time_left 300) torchrun --nproc_per_node 2 $B --workdir /tmp/$name --profile-out $OUT/logs/profile_$name.txt \
       "$@" > $OUT/logs/$name.log 2>&1
 }
+declare -A ddp_option=([find_unused]=find_unused_parameters [static_graph]=static_graph [bucket_view]=gradient_as_bucket_view)
 declare -A runs  # how often each part ran so far: a repeat's logs get _2, _3, ...
 for part in $(echo " $PARTS " | sed 's/ speed / speed1 speed2 /g'); do
   runs[$part]=$(( ${runs[$part]:-0} + 1 ))
@@ -65,16 +66,15 @@ for part in $(echo " $PARTS " | sed 's/ speed / speed1 speed2 /g'); do
       OMP_NUM_THREADS=$threads two_gpus gpu2_batch8_omp$n
       echo "2 GPUs x 8, OMP_NUM_THREADS=$threads rc=$? at ${SECONDS}s" ;;
     find_unused|static_graph|bucket_view)
-      option=$([ $part = find_unused ] && echo find_unused_parameters || { [ $part = bucket_view ] && echo gradient_as_bucket_view || echo $part; })
-      two_gpus gpu2_batch8_$part$n --ddp $option=true
-      echo "2 GPUs x 8, $option rc=$? at ${SECONDS}s" ;;
+      two_gpus gpu2_batch8_$part$n --ddp ${ddp_option[$part]}=true
+      echo "2 GPUs x 8, ${ddp_option[$part]} rc=$? at ${SECONDS}s" ;;
   esac
 done
 [ -f $OUT/multi_gpu.jsonl ] && python3 -c "
 import json
 for l in open('$OUT/multi_gpu.jsonl'):
     d = json.loads(l)
-    print(d['gpus'], 'x', d['batch'], 'DDP', d.get('ddp_options'), 'OMP', d.get('omp_num_threads'),
+    print(d['gpus'], 'x', d['batch'], 'DDP', d.get('ddp'), 'OMP', d.get('omp_num_threads'),
           round(d['tokens_per_s']),
           'tok/s', round(d['s_per_step'], 3), 's/step, median', round(d['median_s_per_step'], 3), round(d['peak_reserved_gib'], 2), 'GiB', d['losses'][:20])
 "

@@ -102,18 +102,31 @@ def case_settings(args) -> tuple:
     return (args.batch or batch, accumulation, optim, sampling)
 
 
-def parse_ddp_options(pairs: list[str]) -> dict[str, bool]:
-    """["static_graph=true", ...] -> {"static_graph": True, ...}: DistributedDataParallel's boolean options."""
+def ddp_boolean_options() -> list[str]:
+    """DistributedDataParallel's on/off options, as accelerate passes them on."""
     from dataclasses import fields
 
     from accelerate.utils import DistributedDataParallelKwargs
 
-    known = {field.name for field in fields(DistributedDataParallelKwargs) if field.type in (bool, "bool")}
+    return sorted(field.name for field in fields(DistributedDataParallelKwargs) if field.type in (bool, "bool"))
+
+
+def ddp_settings(handler) -> dict[str, bool]:
+    """What DDP was given (accelerate's defaults where the Trainer set nothing), for the result line."""
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    handler = handler or DistributedDataParallelKwargs()
+    return {option: getattr(handler, option) for option in ddp_boolean_options()}
+
+
+def parse_ddp_options(pairs: list[str]) -> dict[str, bool]:
+    """["static_graph=true", ...] -> {"static_graph": True, ...}: DistributedDataParallel's boolean options."""
+    known = ddp_boolean_options()
     options = {}
     for pair in pairs:
         option, _, value = pair.partition("=")
         if option not in known or value.lower() not in ("true", "false"):
-            raise SystemExit(f"--ddp {pair}: expected OPTION=true|false with OPTION one of {sorted(known)}")
+            raise SystemExit(f"--ddp {pair}: expected OPTION=true|false with OPTION one of {known}")
         options[option] = value.lower() == "true"
     return options
 
@@ -445,9 +458,8 @@ def main() -> None:
         "losses": meter.losses[:20], "compile_cache": str(compile_cache), "compile_cache_was_warm": compile_cache_was_warm,
         "compile_disabled": os.environ.get("UNSLOTH_COMPILE_DISABLE", "0") == "1",
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "ddp_find_unused_parameters": bool(gpus > 1 and trainer.accelerator.ddp_handler
-                                           and trainer.accelerator.ddp_handler.find_unused_parameters),
-        "ddp_options": ddp_options, "step_times_s": meter.times, "step_tokens_rank0": meter.tokens,
+        "ddp": ddp_settings(trainer.accelerator.ddp_handler) if gpus > 1 else None,
+        "step_times_s": meter.times, "step_tokens_rank0": meter.tokens,
     }
     with open(args.out, "a") as handle:
         handle.write(json.dumps(result) + "\n")
