@@ -134,9 +134,14 @@ def parse_ddp_options(pairs: list[str]) -> dict[str, bool]:
 class Meter:
     """Per-step wall time (GPU synchronised) and non-padding tokens, from a wrapped training_step."""
 
-    def __init__(self, profile_after: int | None = None, profile_out: Path | None = None):
-        """profile_after: profile every step after this many (into profile_out); None: no profile."""
-        self.profile_after, self.profile_out, self._profiler = profile_after, profile_out, None
+    def __init__(self, profile_after: int = 0, profile_steps: int = 0, profile_out: Path | None = None):
+        """Profile profile_steps steps after the first profile_after (into profile_out); 0 steps: no profile.
+
+        The profiler stops at the end of the last profiled step, before the Trainer saves its final checkpoint (in
+        session 6 its 756 copies to the host made up most of what the profile called waits).
+        """
+        self.profile_after, self.profile_steps, self.profile_out = profile_after, profile_steps, profile_out
+        self._profiler = None
         self.tokens: list[int] = []
         self.times: list[float] = []
         self.losses: list[float] = []
@@ -159,7 +164,7 @@ class Meter:
 
         class Timer(TrainerCallback):
             def on_step_begin(self, args, state, control, **kw):
-                if meter.profile_after is not None and len(meter.times) == meter.profile_after:
+                if meter.profile_steps and len(meter.times) == meter.profile_after:
                     meter.start_profiler()
                 synchronize()
                 meter._last = time.perf_counter()
@@ -173,6 +178,8 @@ class Meter:
                 meter._pending = 0
                 if meter.first_step_end is None:
                     meter.first_step_end = now - PROCESS_START
+                if meter._profiler is not None and len(meter.times) == meter.profile_after + meter.profile_steps:
+                    meter._profiler.__exit__(None, None, None)  # what follows the last profiled step is not a step
 
             def on_log(self, args, state, control, logs=None, **kw):
                 if logs and "loss" in logs:
@@ -193,8 +200,9 @@ class Meter:
         """Where the profiled steps spent host and GPU time: is a step waiting on Python, kernels or collectives?"""
         if self._profiler is None:
             return
-        steps = len(self.times) - self.profile_after
-        self._profiler.__exit__(None, None, None)
+        steps = len(self.times[self.profile_after:self.profile_after + self.profile_steps])
+        if steps < self.profile_steps:  # training ended early: the profiler is still running
+            self._profiler.__exit__(None, None, None)
         from torch.autograd import DeviceType
 
         events = self._profiler.key_averages()
@@ -202,7 +210,7 @@ class Meter:
         # annotated ranges such as DistributedDataParallel.forward. NCCL kernels count while they wait for a peer.
         gpu_s = sum(e.self_device_time_total for e in events
                     if e.device_type == DeviceType.CUDA and not e.is_user_annotation) / 1e6
-        wall = sum(self.times[-steps:])
+        wall = sum(self.times[self.profile_after:self.profile_after + steps])
         with open(self.profile_out, "w") as handle:
             handle.write(f"{steps} profiled steps, {wall:.3f} s wall, GPU kernels {gpu_s:.3f} s "
                          f"({gpu_s / wall:.0%} of the wall time)\n\n")
@@ -420,7 +428,7 @@ def main() -> None:
     if args.profile_steps:
         profile_out = Path(args.profile_out or "profile.txt")
         profile_out = profile_out.with_name(f"{profile_out.stem}_rank{os.environ.get('RANK', '0')}{profile_out.suffix}")
-    meter = Meter(args.steps if args.profile_steps else None, profile_out)
+    meter = Meter(args.steps, args.profile_steps, profile_out)
     meter.wrap(trainer)
     trainer.train()
     meter.write_profile()
