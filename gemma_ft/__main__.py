@@ -18,7 +18,12 @@ from omegaconf import DictConfig
 
 from gemma_ft.cli_checks import CONF_DIR
 from gemma_ft.config import register_configs
-from gemma_ft.distributed import export_submitit_environment, is_main_process, shared_run_dir_overrides
+from gemma_ft.distributed import (
+    end_process_group,
+    export_submitit_environment,
+    is_main_process,
+    shared_run_dir_overrides,
+)
 from gemma_ft.errors import UserError, fail
 
 # The shell's convention for a process stopped by a signal: 128 + signal number.
@@ -55,6 +60,9 @@ def main(cfg: DictConfig) -> float:
     except RunInterrupted as exc:
         print(f"gemma_ft: {exc}", file=sys.stderr)
         sys.exit(INTERRUPTED_EXIT[exc.signal_name])
+    finally:
+        # One run per process here (a sweep's jobs may share one, so they keep theirs): torchrun's ranks close it.
+        end_process_group()
     return metrics["eval_loss"]
 
 

@@ -153,3 +153,26 @@ def test_a_slurm_job_of_several_tasks_becomes_one_torch_distributed_run(monkeypa
     assert exported == {"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "2", "MASTER_ADDR": "gpu-node-7"}
     assert os.environ["MASTER_PORT"].isdigit()
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"  # every task sees the node's GPUs; LOCAL_RANK picks one
+
+
+def test_a_run_closes_its_process_group_at_the_end_also_when_stopped(monkeypatch, tmp_path):
+    """What each torchrun rank does as `python -m gemma_ft` ends: NCCL warns at exit about a group left open."""
+    import torch.distributed as dist
+
+    import gemma_ft.pipeline as pipeline
+    from gemma_ft.__main__ import cli
+
+    def stopped(cfg, run_dir):
+        raise pipeline.RunInterrupted("stopped at step 3", "SIGTERM")
+
+    for outcome, code in ((lambda cfg, run_dir: {"eval_loss": 1.0}, None), (stopped, 143)):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store{code}", rank=0, world_size=1)
+        monkeypatch.setattr(pipeline, "run", outcome)
+        monkeypatch.setattr(sys, "argv", ["gemma_ft", f"hydra.run.dir={tmp_path}/run{code}"])
+        if code is None:
+            cli()
+        else:
+            with pytest.raises(SystemExit) as exited:
+                cli()
+            assert exited.value.code == code
+        assert not dist.is_initialized()
