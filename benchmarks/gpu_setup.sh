@@ -1,6 +1,7 @@
 # Sourced at the start of every GPU command: installs the carried wheels and unpacks the real tokenizer, and any
-# compile caches carried from an earlier call (.gpu_assets/compile_cache_*.tar.xz, written by run_all.sh with
-# SAVE_COMPILE_CACHE=1; with KEEP_COMPILE_CACHE=1 run_all.sh then starts warm instead of emptying the cache).
+# compile caches carried from an earlier call (.gpu_assets/compile_cache_*.tar.xz, written by run_all.sh or
+# multi_gpu.sh with SAVE_COMPILE_CACHE=1; with KEEP_COMPILE_CACHE=1 run_all.sh then starts warm instead of emptying
+# unsloth's cache; the Triton kernels, compile_cache_triton, are used only by multi_gpu.sh, which points Triton there).
 #   source benchmarks/gpu_setup.sh
 [ -d /tmp/site/unsloth ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>&1 | grep -v "WARNING" | tail -2
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false

@@ -13,14 +13,14 @@
 # and host time, and the Python call sites where the host may wait for the GPU).
 # Random-init Gemma 3 270M architecture (ARCH=1b or 4b for the speed parts), realistic-length rows, unsloth's block
 # compile off (UNSLOTH_COMPILE_DISABLE=1: the comparison is between GPU counts, not compile states). Results under $OUT;
-# SAVE_TRITON_CACHE=1 also returns the Triton kernels compiled here (carry them as .gpu_assets/triton_cache.tar.xz).
+# SAVE_COMPILE_CACHE=1 also returns the Triton kernels compiled here (carried as .gpu_assets/compile_cache_triton.tar.xz,
+# gpu_setup.sh unpacks them).
 #   PARTS=resume bash benchmarks/multi_gpu.sh
 set -o pipefail
 source benchmarks/gpu_setup.sh
 export UNSLOTH_COMPILE_DISABLE=1
 # unsloth's Triton kernels take ~70 s to compile in a run's first two steps: keep them across runs and calls
 export TRITON_CACHE_DIR=$GEMMA_FT_CACHE/triton
-[ -f .gpu_assets/triton_cache.tar.xz ] && [ ! -d $TRITON_CACHE_DIR ] && tar -C $GEMMA_FT_CACHE -xJf .gpu_assets/triton_cache.tar.xz
 : ${DEADLINE:=560} ${PARTS:=speed resume} ${ARCH:=270m} ${STEPS:=20} ${WARMUP:=5} ${PROFILE_STEPS:=0}
 nvidia-smi -L
 mkdir -p $OUT/logs
@@ -79,8 +79,8 @@ for l in open('$OUT/multi_gpu.jsonl'):
           'tok/s', round(d['s_per_step'], 3), 's/step, median', round(d['median_s_per_step'], 3), round(d['peak_reserved_gib'], 2), 'GiB', d['losses'][:20])
 "
 kill %1 %2 2>/dev/null
-if [ "${SAVE_TRITON_CACHE:-0}" = 1 ]; then
-  tar -C $GEMMA_FT_CACHE -cJf $OUT/triton_cache.tar.xz triton && ls -la $OUT/triton_cache.tar.xz
+if [ "${SAVE_COMPILE_CACHE:-0}" = 1 ]; then
+  tar -C $GEMMA_FT_CACHE -cJf $OUT/compile_cache_triton.tar.xz triton && ls -la $OUT/compile_cache_triton.tar.xz
 fi
 for profile in $OUT/logs/profile_*; do [ -f $profile ] && echo "$(basename $profile): $(head -1 $profile)"; done
 # $OUT brings back at most 8 files: the logs travel as one archive.

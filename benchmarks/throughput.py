@@ -141,7 +141,7 @@ class Meter:
         session 6 its 756 copies to the host made up most of what the profile called waits).
         """
         self.profile_after, self.profile_steps, self.profile_out = profile_after, profile_steps, profile_out
-        self._profiler = None
+        self._profiler, self._profiling = None, False
         self.tokens: list[int] = []
         self.times: list[float] = []
         self.losses: list[float] = []
@@ -178,8 +178,8 @@ class Meter:
                 meter._pending = 0
                 if meter.first_step_end is None:
                     meter.first_step_end = now - PROCESS_START
-                if meter._profiler is not None and len(meter.times) == meter.profile_after + meter.profile_steps:
-                    meter._profiler.__exit__(None, None, None)  # what follows the last profiled step is not a step
+                if len(meter.times) == meter.profile_after + meter.profile_steps:
+                    meter.stop_profiler()  # what follows the last profiled step (the final checkpoint) is not a step
 
             def on_log(self, args, state, control, logs=None, **kw):
                 if logs and "loss" in logs:
@@ -195,14 +195,20 @@ class Meter:
         self._profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True,
                                  experimental_config=_ExperimentalConfig(verbose=True))
         self._profiler.__enter__()
+        self._profiling = True
+
+    def stop_profiler(self) -> None:
+        if self._profiling:
+            self._profiler.__exit__(None, None, None)
+            self._profiling = False
 
     def write_profile(self) -> None:
         """Where the profiled steps spent host and GPU time: is a step waiting on Python, kernels or collectives?"""
         if self._profiler is None:
             return
-        steps = len(self.times[self.profile_after:self.profile_after + self.profile_steps])
-        if steps < self.profile_steps:  # training ended early: the profiler is still running
-            self._profiler.__exit__(None, None, None)
+        self.stop_profiler()  # still running if training ended before the last profiled step
+        profiled = self.times[self.profile_after:self.profile_after + self.profile_steps]
+        steps, wall = len(profiled), sum(profiled)
         from torch.autograd import DeviceType
 
         events = self._profiler.key_averages()
@@ -210,7 +216,6 @@ class Meter:
         # annotated ranges such as DistributedDataParallel.forward. NCCL kernels count while they wait for a peer.
         gpu_s = sum(e.self_device_time_total for e in events
                     if e.device_type == DeviceType.CUDA and not e.is_user_annotation) / 1e6
-        wall = sum(self.times[self.profile_after:self.profile_after + steps])
         with open(self.profile_out, "w") as handle:
             handle.write(f"{steps} profiled steps, {wall:.3f} s wall, GPU kernels {gpu_s:.3f} s "
                          f"({gpu_s / wall:.0%} of the wall time)\n\n")
@@ -389,6 +394,7 @@ def main() -> None:
         return
     if not (args.case and args.out):
         parser.error("--case and --out are required (or --prepare-only)")
+    ddp_options = parse_ddp_options(args.ddp)  # a mistyped option fails now, not after the model has loaded
     if os.environ.get("BENCH_STACK_DUMP_S"):  # diagnosing a slow step: every thread's Python stack, periodically
         import faulthandler
 
@@ -416,7 +422,6 @@ def main() -> None:
         trainer = case_unsloth(args, data, model_dir)
     else:
         trainer = case_hf(args, data, model_dir)
-    ddp_options = parse_ddp_options(args.ddp)
     if ddp_options:
         from accelerate.utils import DistributedDataParallelKwargs
 
