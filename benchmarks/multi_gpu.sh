@@ -1,6 +1,6 @@
 # On one 2-GPU host: PARTS (default "speed resume") picks what runs, in order, under one DEADLINE (s, default 560).
-#   speed        one GPU against two at batch 8 per GPU, back to back: speed1 then speed2, which also run alone and
-#                may repeat (PARTS="speed2 speed1 speed1 speed2": two pairs, each order once; logs get _2, _3...)
+#   speed        one GPU against two at BATCH rows per GPU (default 8), back to back: speed1 then speed2, which also
+#                run alone and may repeat (PARTS="speed2 speed1 speed1 speed2": two pairs, each order once; logs get _2, _3...)
 #   resume       the documented torchrun command stopped by SIGTERM after step 10, then the same command again
 #                to resume and finish (~300 s with a cold Triton cache)
 #   find_unused, static_graph, bucket_view   two GPUs with that DistributedDataParallel option on (find_unused:
@@ -21,20 +21,20 @@ source benchmarks/gpu_setup.sh
 export UNSLOTH_COMPILE_DISABLE=1
 # unsloth's Triton kernels take ~70 s to compile in a run's first two steps: keep them across runs and calls
 export TRITON_CACHE_DIR=$GEMMA_FT_CACHE/triton
-: ${DEADLINE:=560} ${PARTS:=speed resume} ${ARCH:=270m} ${STEPS:=20} ${WARMUP:=5} ${PROFILE_STEPS:=0}
+: ${DEADLINE:=560} ${PARTS:=speed resume} ${ARCH:=270m} ${BATCH:=8} ${STEPS:=20} ${WARMUP:=5} ${PROFILE_STEPS:=0}
 nvidia-smi -L
 mkdir -p $OUT/logs
 nvidia-smi --query-gpu=timestamp,index,utilization.gpu,memory.used --format=csv -l 1 > $OUT/logs/gpu_monitor.csv &
 while sleep 5; do nvidia-smi --query-compute-apps=timestamp,gpu_bus_id,pid,used_memory --format=csv,noheader; done \
     > $OUT/logs/gpu_apps.csv &
 prepare_bench 270m $ARCH  # 270m for the resume part
-B="benchmarks/throughput.py --case gemma_ft --arch $ARCH --steps $STEPS --warmup $WARMUP --profile-steps $PROFILE_STEPS
+B="benchmarks/throughput.py --case gemma_ft --arch $ARCH --batch $BATCH --steps $STEPS --warmup $WARMUP --profile-steps $PROFILE_STEPS
    --model-dir /tmp/bench/gemma3-$ARCH-random
    --tokenizer $GEMMA_FT_CACHE/gemma3-tokenizer --out $OUT/multi_gpu.jsonl"
 C="$BENCH_270M_OVERRIDES train.per_device_train_batch_size=8 train.sampling=random train.eval_steps=0
    train.exact_match_rows=4 train.max_new_tokens=16 train.report_to=none train.save_steps=10 train.logging_steps=1
    optim.warmup_steps=5 debug.verbose=true run.dir=/tmp/ddp_run"
-two_gpus() {  # log name (gpu2_batch8*), extra throughput.py arguments...: one benchmark run over 2 GPUs
+two_gpus() {  # log name (gpu2_batch$BATCH*), extra throughput.py arguments...: one benchmark run over 2 GPUs
   local name=$1; shift
   timeout $(time_left 300) torchrun --nproc_per_node 2 $B --workdir /tmp/$name --profile-out $OUT/logs/profile_$name.txt \
       "$@" > $OUT/logs/$name.log 2>&1
@@ -47,11 +47,11 @@ for part in $(echo " $PARTS " | sed 's/ speed / speed1 speed2 /g'); do
   case $part in
     speed1)
       CUDA_VISIBLE_DEVICES=0 timeout $(time_left 300) python3 $B --workdir /tmp/w1 --profile-out $OUT/logs/profile_gpu1$n.txt \
-          > $OUT/logs/gpu1_batch8$n.log 2>&1
-      echo "1 GPU x 8 rc=$? at ${SECONDS}s" ;;
+          > $OUT/logs/gpu1_batch$BATCH$n.log 2>&1
+      echo "1 GPU x $BATCH rc=$? at ${SECONDS}s" ;;
     speed2)
-      two_gpus gpu2_batch8$n
-      echo "2 GPUs x 8 rc=$? at ${SECONDS}s" ;;
+      two_gpus gpu2_batch$BATCH$n
+      echo "2 GPUs x $BATCH rc=$? at ${SECONDS}s" ;;
     resume)
       timeout $(time_left 180) torchrun --nproc_per_node 2 -m tests.helpers.interrupted_cli sigterm 10 $C \
           > $OUT/logs/ddp_interrupted.log 2>&1
@@ -63,11 +63,11 @@ for part in $(echo " $PARTS " | sed 's/ speed / speed1 speed2 /g'); do
       ls /tmp/ddp_run ;;
     omp)
       threads=$(( $(nproc) / 2 ))
-      OMP_NUM_THREADS=$threads two_gpus gpu2_batch8_omp$n
-      echo "2 GPUs x 8, OMP_NUM_THREADS=$threads rc=$? at ${SECONDS}s" ;;
+      OMP_NUM_THREADS=$threads two_gpus gpu2_batch${BATCH}_omp$n
+      echo "2 GPUs x $BATCH, OMP_NUM_THREADS=$threads rc=$? at ${SECONDS}s" ;;
     find_unused|static_graph|bucket_view)
-      two_gpus gpu2_batch8_$part$n --ddp ${ddp_option[$part]}=true
-      echo "2 GPUs x 8, ${ddp_option[$part]} rc=$? at ${SECONDS}s" ;;
+      two_gpus gpu2_batch${BATCH}_$part$n --ddp ${ddp_option[$part]}=true
+      echo "2 GPUs x $BATCH, ${ddp_option[$part]} rc=$? at ${SECONDS}s" ;;
   esac
 done
 [ -f $OUT/multi_gpu.jsonl ] && python3 -c "

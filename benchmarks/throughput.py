@@ -480,4 +480,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from gemma_ft.distributed import end_process_group
+
+    try:
+        main()
+    finally:
+        end_process_group()  # as `python -m gemma_ft` does: no NCCL "destroy_process_group() was not called" warning
