@@ -1,6 +1,7 @@
 # On one 2-GPU host: PARTS (default "speed resume") picks what runs, in order, under one DEADLINE (s, default 560).
-#   speed        one GPU against two at BATCH rows per GPU (default 8), back to back: speed1 then speed2, which also
-#                run alone and may repeat (PARTS="speed2 speed1 speed1 speed2": two pairs, each order once; logs get _2, _3...)
+#   speed        one GPU against two at BATCH rows per GPU (default 8), back to back: speed1 then speed2, which
+#                also run alone and may repeat (PARTS="speed2 speed1 speed1 speed2": two pairs, each order once;
+#                logs get _2, _3...)
 #   resume       the documented torchrun command stopped by SIGTERM after step 10, then the same command again
 #                to resume and finish (~300 s with a cold Triton cache)
 #   find_unused, static_graph, bucket_view   two GPUs with that DistributedDataParallel option on (find_unused:
@@ -28,7 +29,8 @@ nvidia-smi --query-gpu=timestamp,index,utilization.gpu,memory.used --format=csv 
 while sleep 5; do nvidia-smi --query-compute-apps=timestamp,gpu_bus_id,pid,used_memory --format=csv,noheader; done \
     > $OUT/logs/gpu_apps.csv &
 prepare_bench 270m $ARCH  # 270m for the resume part
-B="benchmarks/throughput.py --case gemma_ft --arch $ARCH --batch $BATCH --steps $STEPS --warmup $WARMUP --profile-steps $PROFILE_STEPS
+B="benchmarks/throughput.py --case gemma_ft --arch $ARCH --batch $BATCH
+   --steps $STEPS --warmup $WARMUP --profile-steps $PROFILE_STEPS
    --model-dir /tmp/bench/gemma3-$ARCH-random
    --tokenizer $GEMMA_FT_CACHE/gemma3-tokenizer --out $OUT/multi_gpu.jsonl"
 C="$BENCH_270M_OVERRIDES train.per_device_train_batch_size=8 train.sampling=random train.eval_steps=0
@@ -46,7 +48,7 @@ for part in $(echo " $PARTS " | sed 's/ speed / speed1 speed2 /g'); do
   n=$([ ${runs[$part]} = 1 ] || echo _${runs[$part]})
   case $part in
     speed1)
-      CUDA_VISIBLE_DEVICES=0 timeout $(time_left 300) python3 $B --workdir /tmp/w1 --profile-out $OUT/logs/profile_gpu1$n.txt \
+      CUDA_VISIBLE_DEVICES=0 timeout $(time_left 300) python3 $B --workdir /tmp/w1 --profile-out $OUT/logs/profile_gpu1_batch$BATCH$n.txt \
           > $OUT/logs/gpu1_batch$BATCH$n.log 2>&1
       echo "1 GPU x $BATCH rc=$? at ${SECONDS}s" ;;
     speed2)
