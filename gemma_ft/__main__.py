@@ -20,9 +20,9 @@ from gemma_ft.cli_checks import CONF_DIR
 from gemma_ft.config import register_configs
 from gemma_ft.distributed import (
     end_process_group,
-    export_submitit_environment,
     is_main_process,
     shared_run_dir_overrides,
+    submitit_tasks_as_one_run,
 )
 from gemma_ft.errors import UserError, fail
 
@@ -38,19 +38,19 @@ def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     job_dir = Path(hydra_cfg.runtime.output_dir)
     if hydra_cfg.mode == RunMode.MULTIRUN:
-        export_submitit_environment()  # a job of several tasks (GPUs) becomes one torch.distributed run
         # One job's failure must not stop the others: record it, return NaN (Optuna counts it as failed).
-        try:
-            metrics = run(cfg, run_dir=job_dir)
-        except Exception as exc:
-            first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
+        with submitit_tasks_as_one_run():
+            try:
+                metrics = run(cfg, run_dir=job_dir)
+            except Exception as exc:
+                first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
+                if is_main_process():
+                    write_status(job_dir, "failed", f"{type(exc).__name__}: {first_line}")
+                print(f"gemma_ft: job {hydra_cfg.job.num} failed: {first_line}", file=sys.stderr)
+                return math.nan
             if is_main_process():
-                write_status(job_dir, "failed", f"{type(exc).__name__}: {first_line}")
-            print(f"gemma_ft: job {hydra_cfg.job.num} failed: {first_line}", file=sys.stderr)
-            return math.nan
-        if is_main_process():
-            write_status(job_dir, "ok")
-        return metrics["eval_loss"]
+                write_status(job_dir, "ok")
+            return metrics["eval_loss"]
     try:
         metrics = run(cfg, run_dir=job_dir)
     except UserError as exc:

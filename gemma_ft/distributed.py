@@ -6,8 +6,10 @@ helpers keep the parts that are not the Trainer's (run dir, summaries, exact-mat
 
 from __future__ import annotations
 
+import logging
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -139,13 +141,39 @@ def shared_run_dir_overrides(overrides: list[str]) -> list[str]:
     return extra
 
 
-def export_submitit_environment() -> None:
+def export_submitit_environment() -> bool:
     """In a submitit job of several tasks (hydra/launcher=slurm with tasks_per_node > 1, or submitit_local), set
-    torch's RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT from the job's own variables, as torchrun would."""
+    torch's RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT from the job's own variables, as torchrun would.
+    Returns whether it did."""
     if "SUBMITIT_EXECUTOR" not in os.environ or "RANK" in os.environ:
-        return
+        return False
     import submitit
 
-    if submitit.JobEnvironment().num_tasks > 1:
-        # Every task keeps seeing all of the node's GPUs: LOCAL_RANK picks its own.
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    if submitit.JobEnvironment().num_tasks <= 1:
+        return False
+    # Every task keeps seeing all of the node's GPUs: LOCAL_RANK picks its own.
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    return True
+
+
+@contextmanager
+def submitit_tasks_as_one_run():
+    """Around a sweep job: a submitit job of several tasks (GPUs) becomes one torch.distributed run, written by rank 0.
+
+    Every task sets up Hydra's job logging, so each line reached the job's log file once per task: the other ranks
+    log to their task's stderr (submitit's *_log.err) instead, as torchrun's other ranks get hydra/job_logging=stdout.
+    Each such job has its processes to itself, so its process group is closed at the end; jobs of the basic launcher
+    share one process (and, under torchrun, its group) and keep it.
+    """
+    if not export_submitit_environment():
+        yield
+        return
+    if not is_main_process():
+        root = logging.getLogger()
+        for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+            root.removeHandler(handler)
+            handler.close()
+    try:
+        yield
+    finally:
+        end_process_group()

@@ -60,12 +60,19 @@ def test_sweep_summarises_every_job_and_survives_a_failing_one(workdir):
     assert decays == [0.001, 0.01]
 
 
-def test_submitit_local_launcher_runs_a_two_job_sweep(workdir):
+def test_submitit_local_launcher_runs_a_two_job_sweep_of_two_ranks_each(workdir):
+    """As hydra/launcher=slurm with gpus_per_node=2 would: each job's two tasks train as one torch.distributed run."""
     result = sweep(workdir, *FAST, "data.path=data.csv", "hydra.sweep.dir=outputs/submitit",
-                   "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "lora.r=4,8")
+                   "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "hydra.launcher.tasks_per_node=2",
+                   "lora.r=4,8")
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = summary_rows(workdir / "outputs" / "submitit")
+    sweep_dir = workdir / "outputs" / "submitit"
+    rows = summary_rows(sweep_dir)
     assert [r["lora.r"] for r in rows] == ["4", "8"] and all(r["status"] == "ok" for r in rows)
+    for job in ("0", "1"):
+        checkpoint = sweep_dir / job / "checkpoints" / "checkpoint-4"
+        assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in checkpoint.iterdir()}  # two ranks trained
+        assert (sweep_dir / job / "gemma_ft.log").read_text().count("Data: 16 rows") == 1  # written by rank 0 only
 
 
 def test_optuna_search_minimises_eval_loss(workdir):
