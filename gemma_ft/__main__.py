@@ -38,8 +38,8 @@ def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     job_dir = Path(hydra_cfg.runtime.output_dir)
     if hydra_cfg.mode == RunMode.MULTIRUN:
-        # One job's failure must not stop the others: record it, return NaN (Optuna counts it as failed).
         with submitit_tasks_as_one_run():
+            # One job's failure must not stop the others: record it, return NaN (Optuna counts it as failed).
             try:
                 metrics = run(cfg, run_dir=job_dir)
             except Exception as exc:

@@ -148,7 +148,7 @@ def test_a_slurm_job_of_several_tasks_becomes_one_torch_distributed_run(monkeypa
     for key, value in slurm.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
-    export_submitit_environment()
+    assert export_submitit_environment()
     exported = {key: os.environ.get(key) for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
     assert exported == {"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "2", "MASTER_ADDR": "gpu-node-7"}
     assert os.environ["MASTER_PORT"].isdigit()
