@@ -7,6 +7,9 @@
 #   find_unused, static_graph, bucket_view   two GPUs with that DistributedDataParallel option on (find_unused:
 #                the Trainer's default for PEFT models; gemma_ft turns it off)
 #   omp          the two-GPU run with OMP_NUM_THREADS = half the host's cores per rank (torchrun's default is 1)
+#   independent  two one-GPU runs at once, one per GPU, that never communicate (independent.jsonl): what two GPUs
+#                give on this host without DDP. Against speed1 it shows what running two processes costs the host
+#                (shared cores, clocks, memory); against speed2 what DDP's collectives cost.
 # Every GPU's utilisation and memory, and which process runs on which GPU, are logged each second meanwhile
 # (logs/gpu_monitor.csv, logs/gpu_apps.csv): is each rank on its own card, and how busy is it?
 # STEPS (default 20) timed steps after WARMUP (default 5) steps; PROFILE_STEPS (default 0) more steps under
@@ -63,6 +66,16 @@ for part in $(echo " $PARTS " | sed 's/ speed / speed1 speed2 /g'); do
       cp /tmp/ddp_run/history.json $OUT/logs/ddp_history.json 2>/dev/null
       cp /tmp/ddp_run/metrics.json $OUT/logs/ddp_metrics.json 2>/dev/null
       ls /tmp/ddp_run ;;
+    independent)
+      for gpu in 0 1; do
+        name=independent_gpu${gpu}_batch$BATCH$n
+        CUDA_VISIBLE_DEVICES=$gpu timeout $(time_left 300) python3 $B --workdir /tmp/$name \
+            --profile-out $OUT/logs/profile_$name.txt --out $OUT/independent_gpu$gpu.jsonl > $OUT/logs/$name.log 2>&1 &
+        pids[$gpu]=$!
+      done
+      wait ${pids[0]}; rc0=$?; wait ${pids[1]}; rc1=$?
+      cat $OUT/independent_gpu[01].jsonl >> $OUT/independent.jsonl 2>/dev/null; rm -f $OUT/independent_gpu[01].jsonl
+      echo "2 independent GPUs x $BATCH rc=$rc0,$rc1 at ${SECONDS}s" ;;
     omp)
       threads=$(( $(nproc) / 2 ))
       OMP_NUM_THREADS=$threads two_gpus gpu2_batch${BATCH}_omp$n
@@ -72,13 +85,15 @@ for part in $(echo " $PARTS " | sed 's/ speed / speed1 speed2 /g'); do
       echo "2 GPUs x $BATCH, ${ddp_option[$part]} rc=$? at ${SECONDS}s" ;;
   esac
 done
-[ -f $OUT/multi_gpu.jsonl ] && python3 -c "
-import json
-for l in open('$OUT/multi_gpu.jsonl'):
-    d = json.loads(l)
-    print(d['gpus'], 'x', d['batch'], 'DDP', d.get('ddp'), 'OMP', d.get('omp_num_threads'),
-          round(d['tokens_per_s']),
-          'tok/s', round(d['s_per_step'], 3), 's/step, median', round(d['median_s_per_step'], 3), round(d['peak_reserved_gib'], 2), 'GiB', d['losses'][:20])
+python3 -c "
+import json, os
+for name in ('multi_gpu', 'independent'):
+    path = '$OUT/' + name + '.jsonl'
+    for l in open(path) if os.path.exists(path) else []:
+        d = json.loads(l)
+        print(name, d['gpus'], 'x', d['batch'], 'DDP', d.get('ddp'), 'OMP', d.get('omp_num_threads'),
+              round(d['tokens_per_s']), 'tok/s', round(d['s_per_step'], 3), 's/step, median',
+              round(d['median_s_per_step'], 3), round(d['peak_reserved_gib'], 2), 'GiB', d['losses'][:20])
 "
 kill %1 %2 2>/dev/null
 if [ "${SAVE_COMPILE_CACHE:-0}" = 1 ]; then
