@@ -39,6 +39,11 @@ B="benchmarks/throughput.py --case gemma_ft --arch $ARCH --batch $BATCH
 C="$BENCH_270M_OVERRIDES train.per_device_train_batch_size=8 train.sampling=random train.eval_steps=0
    train.exact_match_rows=4 train.max_new_tokens=16 train.report_to=none train.save_steps=10 train.logging_steps=1
    optim.warmup_steps=5 debug.verbose=true run.dir=/tmp/ddp_run"
+one_gpu() {  # GPU index, log name, extra throughput.py arguments...: one benchmark run on that GPU alone
+  local gpu=$1 name=$2; shift 2
+  CUDA_VISIBLE_DEVICES=$gpu timeout $(time_left 300) python3 $B --workdir /tmp/$name \
+      --profile-out $OUT/logs/profile_$name.txt "$@" > $OUT/logs/$name.log 2>&1
+}
 two_gpus() {  # log name (gpu2_batch$BATCH*), extra throughput.py arguments...: one benchmark run over 2 GPUs
   local name=$1; shift
   timeout $(time_left 300) torchrun --nproc_per_node 2 $B --workdir /tmp/$name --profile-out $OUT/logs/profile_$name.txt \
@@ -51,8 +56,7 @@ for part in $(echo " $PARTS " | sed 's/ speed / speed1 speed2 /g'); do
   n=$([ ${runs[$part]} = 1 ] || echo _${runs[$part]})
   case $part in
     speed1)
-      CUDA_VISIBLE_DEVICES=0 timeout $(time_left 300) python3 $B --workdir /tmp/w1 --profile-out $OUT/logs/profile_gpu1_batch$BATCH$n.txt \
-          > $OUT/logs/gpu1_batch$BATCH$n.log 2>&1
+      one_gpu 0 gpu1_batch$BATCH$n
       echo "1 GPU x $BATCH rc=$? at ${SECONDS}s" ;;
     speed2)
       two_gpus gpu2_batch$BATCH$n
@@ -68,9 +72,7 @@ for part in $(echo " $PARTS " | sed 's/ speed / speed1 speed2 /g'); do
       ls /tmp/ddp_run ;;
     independent)
       for gpu in 0 1; do
-        name=independent_gpu${gpu}_batch$BATCH$n
-        CUDA_VISIBLE_DEVICES=$gpu timeout $(time_left 300) python3 $B --workdir /tmp/$name \
-            --profile-out $OUT/logs/profile_$name.txt --out $OUT/independent_gpu$gpu.jsonl > $OUT/logs/$name.log 2>&1 &
+        one_gpu $gpu independent_gpu${gpu}_batch$BATCH$n --out $OUT/independent_gpu$gpu.jsonl &
         pids[$gpu]=$!
       done
       wait ${pids[0]}; rc0=$?; wait ${pids[1]}; rc1=$?
