@@ -1,7 +1,7 @@
 # On one 2-GPU host: PARTS (default "speed resume") picks what runs, in order, under one DEADLINE (s, default 560).
 #   speed        one GPU against two at BATCH rows per GPU (default 8), back to back: speed1 then speed2, which
 #                also run alone and may repeat (PARTS="speed2 speed1 speed1 speed2": two pairs, each order once;
-#                logs get _2, _3...)
+#                logs get _2, _3...); SAMPLING (default random; group_by_length: gemma_ft's default) orders the rows
 #   resume       the documented torchrun command stopped by SIGTERM after step 10, then the same command again
 #                to resume and finish (~300 s with a cold Triton cache)
 #   find_unused, static_graph, bucket_view   two GPUs with that DistributedDataParallel option on (find_unused:
@@ -25,14 +25,15 @@ source benchmarks/gpu_setup.sh
 export UNSLOTH_COMPILE_DISABLE=1
 # unsloth's Triton kernels take ~70 s to compile in a run's first two steps: keep them across runs and calls
 export TRITON_CACHE_DIR=$GEMMA_FT_CACHE/triton
-: ${DEADLINE:=560} ${PARTS:=speed resume} ${ARCH:=270m} ${BATCH:=8} ${STEPS:=20} ${WARMUP:=5} ${PROFILE_STEPS:=0}
+: ${DEADLINE:=560} ${PARTS:=speed resume} ${ARCH:=270m} ${BATCH:=8} ${SAMPLING:=random} ${STEPS:=20} ${WARMUP:=5}
+: ${PROFILE_STEPS:=0}
 nvidia-smi -L
 mkdir -p $OUT/logs
 nvidia-smi --query-gpu=timestamp,index,utilization.gpu,memory.used --format=csv -l 1 > $OUT/logs/gpu_monitor.csv &
 while sleep 5; do nvidia-smi --query-compute-apps=timestamp,gpu_bus_id,pid,used_memory --format=csv,noheader; done \
     > $OUT/logs/gpu_apps.csv &
 prepare_bench 270m $ARCH  # 270m for the resume part
-B="benchmarks/throughput.py --case gemma_ft --arch $ARCH --batch $BATCH
+B="benchmarks/throughput.py --case gemma_ft --arch $ARCH --batch $BATCH --sampling $SAMPLING
    --steps $STEPS --warmup $WARMUP --profile-steps $PROFILE_STEPS
    --model-dir /tmp/bench/gemma3-$ARCH-random
    --tokenizer $GEMMA_FT_CACHE/gemma3-tokenizer --out $OUT/multi_gpu.jsonl"
@@ -93,7 +94,7 @@ for name in ('multi_gpu', 'independent'):
     path = '$OUT/' + name + '.jsonl'
     for l in open(path) if os.path.exists(path) else []:
         d = json.loads(l)
-        print(name, d['gpus'], 'x', d['batch'], 'DDP', d.get('ddp'), 'OMP', d.get('omp_num_threads'),
+        print(name, d['gpus'], 'x', d['batch'], d['sampling'], 'DDP', d.get('ddp'), 'OMP', d.get('omp_num_threads'),
               round(d['tokens_per_s']), 'tok/s', round(d['s_per_step'], 3), 's/step, median',
               round(d['median_s_per_step'], 3), round(d['peak_reserved_gib'], 2), 'GiB', d['losses'][:20])
 "

@@ -97,9 +97,9 @@ def trained_steps(args) -> int:
 
 
 def case_settings(args) -> tuple:
-    """(per-device batch, accumulation, optimizer, sampling) of the case; --batch overrides the batch."""
+    """(per-device batch, accumulation, optimizer, sampling) of the case; --batch and --sampling override theirs."""
     batch, accumulation, optim, sampling = CASES[args.case]
-    return (args.batch or batch, accumulation, optim, sampling)
+    return (args.batch or batch, accumulation, optim, args.sampling or sampling)
 
 
 def ddp_boolean_options() -> list[str]:
@@ -143,10 +143,11 @@ class Meter:
         self.profile_after, self.profile_steps, self.profile_out = profile_after, profile_steps, profile_out
         self._profiler, self._profiling = None, False
         self.tokens: list[int] = []
+        self.padded_lengths: list[int] = []  # the batch's padded row length: each new length is a new shape
         self.times: list[float] = []
         self.losses: list[float] = []
         self.first_step_end: float | None = None
-        self._pending = 0
+        self._pending = self._padded_length = 0
         self._last = None
 
     def wrap(self, trainer) -> None:
@@ -158,6 +159,7 @@ class Meter:
         def counted(model, inputs, *args, **kwargs):
             mask = inputs.get("attention_mask")
             meter._pending += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+            meter._padded_length = inputs["input_ids"].shape[-1]
             return step(model, inputs, *args, **kwargs)
 
         trainer.training_step = counted
@@ -174,7 +176,9 @@ class Meter:
                 now = time.perf_counter()
                 meter.times.append(now - meter._last)
                 meter.tokens.append(meter._pending)
-                print(f"[bench] step {len(meter.times)}: {meter.times[-1]:.3f} s, {meter._pending} tokens", flush=True)
+                meter.padded_lengths.append(meter._padded_length)
+                print(f"[bench] step {len(meter.times)}: {meter.times[-1]:.3f} s, {meter._pending} tokens, "
+                      f"padded to {meter._padded_length}", flush=True)
                 meter._pending = 0
                 if meter.first_step_end is None:
                     meter.first_step_end = now - PROCESS_START
@@ -246,8 +250,9 @@ VAL_ROWS = 16
 def sft_config(args, out: Path, **extra):
     from trl import SFTConfig
 
-    batch, accumulation, optim, _ = case_settings(args)
+    batch, accumulation, optim, sampling = case_settings(args)
     return SFTConfig(output_dir=str(out), per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
+                     train_sampling_strategy=sampling,
                      max_steps=trained_steps(args), learning_rate=2e-4, weight_decay=0.001, warmup_steps=5,
                      lr_scheduler_type="linear", optim=optim, logging_steps=1, save_strategy="no",
                      report_to=[], seed=3407, data_seed=3407, max_length=args.max_len, bf16=True,
@@ -265,9 +270,9 @@ def gemma_ft_config(args, data: Path, model_dir: Path):
                  f"data.val_size={VAL_ROWS}", "lora.train_lm_head=false", f"train.max_steps={trained_steps(args)}",
                  f"train.max_seq_length={args.max_len}", "train.eval_steps=0", "train.exact_match_rows=0",
                  "train.report_to=none", "train.save_steps=100000", "train.logging_steps=1", "optim.warmup_steps=5"]
-    if batch is not None:
-        overrides += [f"train.per_device_train_batch_size={batch}", f"train.gradient_accumulation_steps={accumulation}",
-                      f"optim.name={optim}", f"train.sampling={sampling}"]
+    settings = {"train.per_device_train_batch_size": batch, "train.gradient_accumulation_steps": accumulation,
+                "optim.name": optim, "train.sampling": sampling}
+    overrides += [f"{key}={value}" for key, value in settings.items() if value is not None]  # None: the default
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return to_typed(compose("config", overrides=overrides))
@@ -377,6 +382,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--max-len", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=None, help="per-device batch instead of the case's")
+    parser.add_argument("--sampling", choices=["random", "group_by_length"], default=None,
+                        help="batch order instead of the case's (gemma_ft's default groups rows by length)")
+    parser.add_argument("--pad-to-multiple-of", type=int, default=None,
+                        help="pad each batch's rows to a multiple of this length (fewer distinct shapes)")
     parser.add_argument("--model-dir", default=None, help="this model folder instead of a random --arch one")
     parser.add_argument("--workdir", default="/tmp/bench")
     parser.add_argument("--tokenizer", required=True)
@@ -422,6 +431,8 @@ def main() -> None:
         trainer = case_unsloth(args, data, model_dir)
     else:
         trainer = case_hf(args, data, model_dir)
+    if args.pad_to_multiple_of:
+        trainer.data_collator.pad_to_multiple_of = args.pad_to_multiple_of
     if ddp_options:
         from accelerate.utils import DistributedDataParallelKwargs
 
@@ -473,6 +484,7 @@ def main() -> None:
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "ddp": ddp_settings(trainer.accelerator.ddp_handler) if gpus > 1 else None,
         "step_times_s": meter.times, "step_tokens_rank0": meter.tokens,
+        "step_padded_lengths_rank0": meter.padded_lengths, "pad_to_multiple_of": args.pad_to_multiple_of,
     }
     with open(args.out, "a") as handle:
         handle.write(json.dumps(result) + "\n")

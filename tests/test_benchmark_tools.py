@@ -50,3 +50,22 @@ def test_ddp_options_are_parsed_as_booleans_and_unknown_ones_refused():
     for bad in ("static_graph=yes", "bucket_cap_mb=true", "no_such_option=true"):
         with pytest.raises(SystemExit, match=bad.split("=")[0]):
             parse([bad])
+
+
+def test_batch_order_and_batch_override_a_cases_settings_and_unset_ones_keep_gemma_fts_defaults(tmp_path):
+    from types import SimpleNamespace
+
+    throughput = load_script("throughput")
+    args = SimpleNamespace(case="gemma_ft", batch=None, sampling="group_by_length", steps=3, profile_steps=0,
+                           max_len=256)
+    assert throughput.case_settings(args) == (8, 1, "adamw_torch", "group_by_length")
+
+    def config(**changes):
+        return throughput.gemma_ft_config(SimpleNamespace(**{**vars(args), **changes}), tmp_path / "data.csv",
+                                          tmp_path / "model")
+
+    defaults = config(case="gemma_ft_defaults", sampling=None, batch=4)
+    assert defaults.train.per_device_train_batch_size == 4
+    assert (defaults.train.gradient_accumulation_steps, defaults.train.sampling) == (1, "group_by_length")
+    random_order = config(case="gemma_ft_defaults", sampling="random")
+    assert random_order.train.sampling == "random" and random_order.train.per_device_train_batch_size == 8
