@@ -84,7 +84,12 @@ def prepare(cfg: Any, run_dir: str | Path | None = None) -> Prepared:
     from gemma_ft.callbacks import LogEveryFinalStep, MarkCheckpointComplete, StopOnSignal
     from gemma_ft.chat_template import apply_gemma3_template
     from gemma_ft.models.loading import add_lora_adapters, load_model, load_tokenizer, resolve_model_path
-    from gemma_ft.training import build_trainer, mask_to_responses, tokenize_conversations
+    from gemma_ft.training import (
+        build_trainer,
+        mask_to_responses,
+        pad_short_batches_for_flex_attention,
+        tokenize_conversations,
+    )
 
     model_path = resolve_model_path(cfg.model.name_or_path)
     check_writable(run_dir, needed_bytes=checkpoint_size_estimate(cfg, model_path))
@@ -105,6 +110,7 @@ def prepare(cfg: Any, run_dir: str | Path | None = None) -> Prepared:
     callbacks = [MarkCheckpointComplete(), LogEveryFinalStep(), stop_on_signal]
     trainer = build_trainer(model, tokenizer, train_dataset, eval_dataset, cfg, checkpoint_dir(run_dir), callbacks)
     dropped = mask_to_responses(trainer)
+    pad_short_batches_for_flex_attention(trainer, model, tokenizer)
     return Prepared(cfg, run_dir, split, tokenizer, model, trainer, dropped, plan.resume_from, stop_on_signal)
 
 

@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from gemma_ft.pipeline import prepare, run
-from gemma_ft.training import IGNORE_INDEX
+from gemma_ft.training import (
+    FLEX_BLOCK_TOKENS,
+    IGNORE_INDEX,
+    PadBeyondOneFlexBlock,
+    pad_short_batches_for_flex_attention,
+)
 from tests.conftest import TINY, chess_rows, typed_config, write_csv
 
 CONVERSATIONS = [
@@ -50,6 +55,55 @@ def test_ddp_neither_searches_for_unused_weights_nor_broadcasts_the_constant_buf
     assert ddp.find_unused_parameters is False and ddp.broadcast_buffers is False
     buffers = {name.rsplit(".", 1)[-1] for name, _ in prepared.trainer.model.named_buffers()}
     assert buffers and all(name == "embed_scale" or name.endswith("inv_freq") for name in buffers), buffers
+
+
+def test_a_batch_of_one_flex_attention_block_is_padded_beyond_it_without_changing_what_trains(prepared):
+    tokenizer, model = prepared.tokenizer, prepared.model
+    rows = [prepared.trainer.train_dataset[i] for i in range(2)]
+    plain = prepared.trainer.data_collator(rows)
+    padded = PadBeyondOneFlexBlock(prepared.trainer.data_collator, tokenizer.pad_token_id, "left")(rows)
+    length = plain["input_ids"].shape[-1]
+    missing = FLEX_BLOCK_TOKENS + 1 - length
+    assert missing > 0 and set(padded) == set(plain)
+    for key, fill in (("input_ids", tokenizer.pad_token_id), ("attention_mask", 0), ("labels", IGNORE_INDEX)):
+        assert padded[key].shape == (2, FLEX_BLOCK_TOKENS + 1)
+        assert torch.equal(padded[key][:, missing:], plain[key]) and bool((padded[key][:, :missing] == fill).all())
+    with torch.no_grad():
+        assert model(**padded).loss.item() == pytest.approx(model(**plain).loss.item(), rel=1e-5)
+    right = PadBeyondOneFlexBlock(prepared.trainer.data_collator, tokenizer.pad_token_id, "right")(rows)
+    assert torch.equal(right["labels"][:, :length], plain["labels"]) and bool((right["labels"][:, length:] == -100).all())
+    unchanged = PadBeyondOneFlexBlock(prepared.trainer.data_collator, tokenizer.pad_token_id, "left", length - 5)(rows)
+    assert all(torch.equal(unchanged[key], plain[key]) for key in plain)
+
+
+def test_only_a_model_with_flex_attention_gets_the_padding(prepared):
+    from types import SimpleNamespace
+
+    trainer = SimpleNamespace(data_collator=prepared.trainer.data_collator)
+    assert prepared.model.config._attn_implementation != "flex_attention"  # on CPU
+    assert not pad_short_batches_for_flex_attention(trainer, prepared.model, prepared.tokenizer)
+    assert trainer.data_collator is prepared.trainer.data_collator
+    flex_config = SimpleNamespace(get_text_config=lambda: SimpleNamespace(_attn_implementation="flex_attention"))
+    assert pad_short_batches_for_flex_attention(trainer, SimpleNamespace(config=flex_config), prepared.tokenizer)
+    assert isinstance(trainer.data_collator, PadBeyondOneFlexBlock)
+    assert trainer.data_collator.collator is prepared.trainer.data_collator
+
+
+def test_training_steps_get_the_padded_batches(tmp_path):
+    path = write_csv(tmp_path / "d.csv", chess_rows(8))
+    p = prepare(typed_config([*TINY, f"data.path={path}", "data.val_size=2", "train.max_steps=2"]),
+                run_dir=tmp_path / "run")
+    p.trainer.data_collator = PadBeyondOneFlexBlock(p.trainer.data_collator, p.tokenizer.pad_token_id,
+                                                    p.tokenizer.padding_side)
+    lengths, step = [], p.trainer.training_step
+
+    def recorded(model, inputs, *args, **kwargs):
+        lengths.append(inputs["input_ids"].shape[-1])
+        return step(model, inputs, *args, **kwargs)
+
+    p.trainer.training_step = recorded
+    p.trainer.train()
+    assert lengths == [FLEX_BLOCK_TOKENS + 1] * 2
 
 
 def test_reply_cut_off_by_max_seq_length_is_dropped_and_counted(tmp_path):
