@@ -71,7 +71,8 @@ def test_a_batch_of_one_flex_attention_block_is_padded_beyond_it_without_changin
     with torch.no_grad():
         assert model(**padded).loss.item() == pytest.approx(model(**plain).loss.item(), rel=1e-5)
     right = PadBeyondOneFlexBlock(prepared.trainer.data_collator, tokenizer.pad_token_id, "right")(rows)
-    assert torch.equal(right["labels"][:, :length], plain["labels"]) and bool((right["labels"][:, length:] == -100).all())
+    assert torch.equal(right["labels"][:, :length], plain["labels"])
+    assert bool((right["labels"][:, length:] == IGNORE_INDEX).all())
     unchanged = PadBeyondOneFlexBlock(prepared.trainer.data_collator, tokenizer.pad_token_id, "left", length - 5)(rows)
     assert all(torch.equal(unchanged[key], plain[key]) for key in plain)
 
