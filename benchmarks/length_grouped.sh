@@ -1,15 +1,16 @@
 # One GPU, gemma_ft's default length-grouped batch order, for STEPS (default 56) steps: past the end of the sampler's
 # first megabatch (50 batches, longest first), where the shortest batch is followed by the next megabatch's longest.
-# Session 8 saw steps there take 12 s once and then ~1.2 s each, four times the ~0.3 s before. Dynamo's recompiles
-# go into each log (TORCH_LOGS=recompiles). PARTS (default "plain defaults pad128"), in order, under one DEADLINE (s):
+# In session 8, before gemma_ft padded batches beyond one flex-attention block (129 tokens), step 50 (padded to 127
+# tokens) took 58 s with gemma_ft's defaults, and 11 s with the block compile off, after which every step ran ~4x
+# slower (benchmarks/results/2026-11-27-s8/).
+# PARTS (default "plain defaults"), in order, under one DEADLINE (s):
 #   plain     the benchmark's settings (batch 8, unsloth's block compile off)
 #   defaults  gemma_ft's shipped defaults (batch 8, unsloth's block compile on)
-#   pad128    plain, with every batch padded to a multiple of 128 tokens
 #   PARTS=plain bash benchmarks/length_grouped.sh
 set -o pipefail
 source benchmarks/gpu_setup.sh
-export TRITON_CACHE_DIR=$GEMMA_FT_CACHE/triton TORCH_LOGS=recompiles
-: ${DEADLINE:=450} ${STEPS:=56} ${PARTS:=plain defaults pad128}
+export TRITON_CACHE_DIR=$GEMMA_FT_CACHE/triton
+: ${DEADLINE:=450} ${STEPS:=56} ${PARTS:=plain defaults}
 nvidia-smi -L
 mkdir -p $OUT/logs
 prepare_bench 270m
@@ -19,7 +20,6 @@ for part in $PARTS; do
   case $part in
     plain) args="--case gemma_ft" compile_off=1 ;;
     defaults) args="--case gemma_ft_defaults" compile_off=0 ;;
-    pad128) args="--case gemma_ft --pad-to-multiple-of 128" compile_off=1 ;;
   esac
   UNSLOTH_COMPILE_DISABLE=$compile_off timeout $(time_left 240) python3 $B $args --workdir /tmp/$part \
       > $OUT/logs/$part.log 2>&1
@@ -29,7 +29,7 @@ python3 -c "
 import json
 for l in open('$OUT/length_grouped.jsonl'):
     d = json.loads(l)
-    print(d['case'], 'pad', d['pad_to_multiple_of'], 'compile off', d['compile_disabled'], round(d['tokens_per_s']),
+    print(d['case'], 'compile off', d['compile_disabled'], round(d['tokens_per_s']),
           'tok/s; steps 45-:', ' '.join(f'{t:.2f}s/{n}' for t, n in
                                        zip(d['step_times_s'][44:], d['step_padded_lengths_rank0'][44:])))
 "

@@ -384,8 +384,6 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="per-device batch instead of the case's")
     parser.add_argument("--sampling", choices=["random", "group_by_length"], default=None,
                         help="batch order instead of the case's (gemma_ft's default groups rows by length)")
-    parser.add_argument("--pad-to-multiple-of", type=int, default=None,
-                        help="pad each batch's rows to a multiple of this length (fewer distinct shapes)")
     parser.add_argument("--model-dir", default=None, help="this model folder instead of a random --arch one")
     parser.add_argument("--workdir", default="/tmp/bench")
     parser.add_argument("--tokenizer", required=True)
@@ -431,8 +429,6 @@ def main() -> None:
         trainer = case_unsloth(args, data, model_dir)
     else:
         trainer = case_hf(args, data, model_dir)
-    if args.pad_to_multiple_of:
-        trainer.data_collator.pad_to_multiple_of = args.pad_to_multiple_of
     if ddp_options:
         from accelerate.utils import DistributedDataParallelKwargs
 
@@ -484,7 +480,7 @@ def main() -> None:
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "ddp": ddp_settings(trainer.accelerator.ddp_handler) if gpus > 1 else None,
         "step_times_s": meter.times, "step_tokens_rank0": meter.tokens,
-        "step_padded_lengths_rank0": meter.padded_lengths, "pad_to_multiple_of": args.pad_to_multiple_of,
+        "step_padded_lengths_rank0": meter.padded_lengths,
     }
     with open(args.out, "a") as handle:
         handle.write(json.dumps(result) + "\n")
