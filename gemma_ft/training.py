@@ -107,7 +107,8 @@ def mask_to_responses(trainer) -> dict[str, int]:
 # torch.compile specialises a batch of one block. So the first batch padded to <= 128 tokens after longer ones
 # compiles every attention again: 58 s in one step on an H200, where its neighbours took 0.15 s (session 8; with
 # unsloth's block compile off, every later step ran at ~4x its time). Length-grouped batches end each megabatch
-# with the shortest rows, so most runs on mixed-length data meet it once. Two blocks (129 tokens) always avoids it.
+# with the shortest rows, so a run whose data has short rows meets it at the end of the first one (step 50 at batch
+# 8). A batch of at least two blocks (129 tokens) never does (benchmarks/flex_recompiles.py shows the guard).
 FLEX_BLOCK_TOKENS = 128
 
 
