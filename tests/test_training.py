@@ -90,12 +90,14 @@ def test_only_a_model_with_flex_attention_gets_the_padding(prepared):
     assert trainer.data_collator.collator is prepared.trainer.data_collator
 
 
-def test_training_steps_get_the_padded_batches(tmp_path):
+def test_with_flex_attention_the_pipelines_training_steps_get_the_padded_batches(tmp_path, monkeypatch):
+    import gemma_ft.training
+
+    monkeypatch.setattr(gemma_ft.training, "uses_flex_attention", lambda model: True)  # as on a GPU
     path = write_csv(tmp_path / "d.csv", chess_rows(8))
     p = prepare(typed_config([*TINY, f"data.path={path}", "data.val_size=2", "train.max_steps=2"]),
                 run_dir=tmp_path / "run")
-    p.trainer.data_collator = PadBeyondOneFlexBlock(p.trainer.data_collator, p.tokenizer.pad_token_id,
-                                                    p.tokenizer.padding_side)
+    assert isinstance(p.trainer.data_collator, PadBeyondOneFlexBlock)
     lengths, step = [], p.trainer.training_step
 
     def recorded(model, inputs, *args, **kwargs):
