@@ -60,9 +60,6 @@ def main(cfg: DictConfig) -> float:
     except RunInterrupted as exc:
         print(f"gemma_ft: {exc}", file=sys.stderr)
         sys.exit(INTERRUPTED_EXIT[exc.signal_name])
-    finally:
-        # One run per process here (a sweep's jobs may share one, so they keep theirs): torchrun's ranks close it.
-        end_process_group()
     return metrics["eval_loss"]
 
 
@@ -75,7 +72,12 @@ def cli() -> None:
     except UserError as exc:
         fail("gemma_ft", str(exc))
     sys.argv += shared_run_dir_overrides(sys.argv[1:])  # torchrun: all ranks in one run dir
-    main()
+    try:
+        main()
+    finally:
+        # As the process ends, whether it ran one job or a basic launcher's sweep (whose jobs share the process and,
+        # under torchrun, one group): NCCL warns at exit about a group left open.
+        end_process_group()
 
 
 if __name__ == "__main__":

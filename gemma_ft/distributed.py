@@ -163,7 +163,7 @@ def submitit_tasks_as_one_run():
     Every task sets up Hydra's job logging, so each line reached the job's log file once per task: the other ranks
     log to their task's stderr (submitit's *_log.err) instead, as torchrun's other ranks get hydra/job_logging=stdout.
     Each such job has its processes to itself, so its process group is closed at the end; jobs of the basic launcher
-    share one process (and, under torchrun, its group) and keep it.
+    share one process (and, under torchrun, its group), which `cli` closes when the sweep ends.
     """
     if not export_submitit_environment():
         yield

@@ -178,24 +178,33 @@ def test_a_run_closes_its_process_group_at_the_end_also_when_stopped(monkeypatch
         assert not dist.is_initialized()
 
 
-def test_a_submitit_job_of_several_tasks_closes_its_process_group_and_a_sweep_in_one_process_keeps_it(
+def test_a_submitit_job_of_several_tasks_closes_its_process_group_and_a_basic_sweep_keeps_it_until_it_ends(
         monkeypatch, tmp_path):
     """A job of several submitit tasks has its processes to itself; the basic launcher's jobs share one (under
-    torchrun, one group for every job)."""
+    torchrun, one group for every job), and the group is closed as that process ends."""
     import torch.distributed as dist
 
     import gemma_ft.distributed as distributed
     import gemma_ft.pipeline as pipeline
     from gemma_ft.__main__ import cli
 
-    monkeypatch.setattr(pipeline, "run", lambda cfg, run_dir: {"eval_loss": 1.0})
+    open_in_jobs = []
+    monkeypatch.setattr(pipeline, "run", lambda cfg, run_dir: open_in_jobs.append(dist.is_initialized()) or
+                        {"eval_loss": 1.0})
     try:
-        for own_job in (True, False):
-            dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store{own_job}", rank=0, world_size=1)
-            monkeypatch.setattr(distributed, "export_submitit_environment", lambda: own_job)
-            monkeypatch.setattr(sys, "argv", ["gemma_ft", "-m", f"hydra.sweep.dir={tmp_path}/sweep{own_job}"])
-            cli()
-            assert dist.is_initialized() is not own_job
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store_job", rank=0, world_size=1)
+        monkeypatch.setattr(distributed, "export_submitit_environment", lambda: True)
+        with distributed.submitit_tasks_as_one_run():
+            assert dist.is_initialized()
+        assert not dist.is_initialized()
+
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store_sweep", rank=0, world_size=1)
+        monkeypatch.setattr(distributed, "export_submitit_environment", lambda: False)
+        monkeypatch.setattr(sys, "argv", ["gemma_ft", "-m", f"hydra.sweep.dir={tmp_path}/sweep",
+                                          "optim.weight_decay=0.001,0.01"])
+        cli()
+        assert open_in_jobs == [True, True]
+        assert not dist.is_initialized()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
