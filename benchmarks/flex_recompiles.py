@@ -17,7 +17,8 @@ import time
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--lengths", type=int, nargs="+", default=[400, 380, 360, 300, 200, 150, 140, 127, 600, 500, 120])
+    parser.add_argument("--lengths", type=int, nargs="+",
+                        default=[400, 380, 360, 300, 200, 150, 140, 127, 600, 500, 120])
     parser.add_argument("--head-dim", type=int, default=64)
     args = parser.parse_args()
 

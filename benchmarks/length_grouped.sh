@@ -15,7 +15,8 @@ nvidia-smi -L
 mkdir -p $OUT/logs
 prepare_bench 270m
 B="benchmarks/throughput.py --arch 270m --steps $STEPS --warmup 10 --sampling group_by_length
-   --model-dir /tmp/bench/gemma3-270m-random --tokenizer $GEMMA_FT_CACHE/gemma3-tokenizer --out $OUT/length_grouped.jsonl"
+   --model-dir /tmp/bench/gemma3-270m-random --tokenizer $GEMMA_FT_CACHE/gemma3-tokenizer
+   --out $OUT/length_grouped.jsonl"
 for part in $PARTS; do
   case $part in
     plain) args="--case gemma_ft" compile_off=1 ;;
