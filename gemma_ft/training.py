@@ -142,9 +142,8 @@ class PadBeyondOneFlexBlock:
 
 
 def uses_flex_attention(model) -> bool:
-    config = model.config
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return getattr(text_config, "_attn_implementation", None) == "flex_attention"
+    # unsloth sets it on the decoder's config only (a multimodal model's vision tower keeps its own)
+    return getattr(model.config.get_text_config(), "_attn_implementation", None) == "flex_attention"
 
 
 def pad_short_batches_for_flex_attention(trainer, model, tokenizer) -> bool:
