@@ -6,12 +6,17 @@
 #                to resume and finish (~300 s with a cold Triton cache)
 #   find_unused, static_graph, bucket_view   two GPUs with that DistributedDataParallel option on (find_unused:
 #                the Trainer's default for PEFT models; gemma_ft turns it off)
+#   vote         gemma_ft's StopVote over NCCL: rank 1 votes to stop in the third of five rounds; every rank must
+#                read it in the fourth (a few seconds)
 #   omp          the two-GPU run with OMP_NUM_THREADS = half the host's cores per rank (torchrun's default is 1)
 #   independent  two one-GPU runs at once, one per GPU, that never communicate (independent.jsonl): what two GPUs
 #                give on this host without DDP. Against speed1 it shows what running two processes costs the host
 #                (shared cores, clocks, memory); against speed2 what DDP's collectives cost.
 # Every GPU's utilisation and memory, and which process runs on which GPU, are logged each second meanwhile
 # (logs/gpu_monitor.csv, logs/gpu_apps.csv): is each rank on its own card, and how busy is it?
+# TIMING (default window): the GPUs are synchronised only at the ends of the timed steps, as in a run without the
+# benchmark (step: around every step, a meeting of the ranks that a real run does not have; sessions 4-8 timed so).
+# LOGGING_STEPS (default 5, gemma_ft's default; 1 logs the whole loss curve, a meeting of the ranks every step).
 # STEPS (default 20) timed steps after WARMUP (default 5) steps; PROFILE_STEPS (default 0) more steps under
 # torch.profiler for the speed parts (logs/profile_*_rankN.txt: GPU kernel time against wall time, top ops by GPU
 # and host time, and the Python call sites where the host may wait for the GPU).
@@ -26,7 +31,7 @@ export UNSLOTH_COMPILE_DISABLE=1
 # unsloth's Triton kernels take ~70 s to compile in a run's first two steps: keep them across runs and calls
 export TRITON_CACHE_DIR=$GEMMA_FT_CACHE/triton
 : ${DEADLINE:=560} ${PARTS:=speed resume} ${ARCH:=270m} ${BATCH:=8} ${SAMPLING:=random} ${STEPS:=20} ${WARMUP:=5}
-: ${PROFILE_STEPS:=0}
+: ${PROFILE_STEPS:=0} ${TIMING:=window} ${LOGGING_STEPS:=5}
 nvidia-smi -L
 mkdir -p $OUT/logs
 nvidia-smi --query-gpu=timestamp,index,utilization.gpu,memory.used --format=csv -l 1 > $OUT/logs/gpu_monitor.csv &
@@ -34,7 +39,7 @@ while sleep 5; do nvidia-smi --query-compute-apps=timestamp,gpu_bus_id,pid,used_
     > $OUT/logs/gpu_apps.csv &
 prepare_bench 270m $ARCH  # 270m for the resume part
 B="benchmarks/throughput.py --case gemma_ft --arch $ARCH --batch $BATCH --sampling $SAMPLING
-   --steps $STEPS --warmup $WARMUP --profile-steps $PROFILE_STEPS
+   --steps $STEPS --warmup $WARMUP --profile-steps $PROFILE_STEPS --timing $TIMING --logging-steps $LOGGING_STEPS
    --model-dir /tmp/bench/gemma3-$ARCH-random
    --tokenizer $GEMMA_FT_CACHE/gemma3-tokenizer --out $OUT/multi_gpu.jsonl"
 C="$BENCH_270M_OVERRIDES train.per_device_train_batch_size=8 train.sampling=random train.eval_steps=0
@@ -79,6 +84,9 @@ for part in $(echo " $PARTS " | sed 's/ speed / speed1 speed2 /g'); do
       wait ${pids[0]}; rc0=$?; wait ${pids[1]}; rc1=$?
       cat $OUT/independent_gpu[01].jsonl >> $OUT/independent.jsonl 2>/dev/null; rm -f $OUT/independent_gpu[01].jsonl
       echo "2 independent GPUs x $BATCH rc=$rc0,$rc1 at ${SECONDS}s" ;;
+    vote)
+      timeout $(time_left 120) torchrun --nproc_per_node 2 benchmarks/stop_vote_check.py > $OUT/logs/vote.log 2>&1
+      echo "stop vote over NCCL rc=$? at ${SECONDS}s: $(grep -h 'rank' $OUT/logs/vote.log | tr '\n' ' ')" ;;
     omp)
       threads=$(( $(nproc) / 2 ))
       OMP_NUM_THREADS=$threads two_gpus gpu2_batch${BATCH}_omp$n

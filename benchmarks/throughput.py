@@ -132,23 +132,38 @@ def parse_ddp_options(pairs: list[str]) -> dict[str, bool]:
 
 
 class Meter:
-    """Per-step wall time (GPU synchronised) and non-padding tokens, from a wrapped training_step."""
+    """Per-step time and non-padding tokens, from a wrapped training_step, and the timed window's wall time.
 
-    def __init__(self, profile_after: int = 0, profile_steps: int = 0, profile_out: Path | None = None):
-        """Profile profile_steps steps after the first profile_after (into profile_out); 0 steps: no profile.
+    timing="step" synchronises the GPU around every step (exact per-step times, for paired_steps.py); "window" only
+    at the timed window's two ends. A per-step synchronisation is a meeting of the ranks under DDP that a real run
+    does not have: every rank's host waits for both GPUs to finish the step. Per-step times are then the host's.
+    """
+
+    def __init__(self, timed: slice, timing: str = "step", profile_steps: int = 0, profile_out: Path | None = None):
+        """Profile profile_steps steps after the timed ones (into profile_out); 0 steps: no profile.
 
         The profiler stops at the end of the last profiled step, before the Trainer saves its final checkpoint (in
         session 6 its 756 copies to the host made up most of what the profile called waits).
         """
-        self.profile_after, self.profile_steps, self.profile_out = profile_after, profile_steps, profile_out
+        self.timed, self.timing = timed, timing
+        self.profile_after, self.profile_steps, self.profile_out = timed.stop, profile_steps, profile_out
         self._profiler, self._profiling = None, False
-        self.tokens: list[int] = []
+        self.tokens: list = []  # per step: an int, or a tensor on the GPU until tokens_counted() (window timing)
         self.padded_lengths: list[int] = []  # the batch's padded row length: each new length is a new shape
         self.times: list[float] = []
+        self.window_s: float | None = None  # wall time of the timed steps, GPU synchronised at both ends
         self.losses: list[float] = []
         self.first_step_end: float | None = None
         self._pending = self._padded_length = 0
-        self._last = None
+        self._last = self._window_start = None
+
+    def _synchronize_here(self, step: int) -> bool:
+        """Synchronise before step `step` (0-based) begins or after it ends: every step, or at the window's ends."""
+        return self.timing == "step" or step in (self.timed.start, self.timed.stop) or (
+            self.profile_steps and step == self.profile_after + self.profile_steps)
+
+    def tokens_counted(self) -> list[int]:
+        return [int(t) for t in self.tokens]
 
     def wrap(self, trainer) -> None:
         from transformers import TrainerCallback
@@ -158,7 +173,8 @@ class Meter:
 
         def counted(model, inputs, *args, **kwargs):
             mask = inputs.get("attention_mask")
-            meter._pending += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+            count = mask.sum() if mask is not None else inputs["input_ids"].numel()
+            meter._pending += int(count) if meter.timing == "step" else count  # int() waits for the GPU
             meter._padded_length = inputs["input_ids"].shape[-1]
             return step(model, inputs, *args, **kwargs)
 
@@ -166,23 +182,32 @@ class Meter:
 
         class Timer(TrainerCallback):
             def on_step_begin(self, args, state, control, **kw):
-                if meter.profile_steps and len(meter.times) == meter.profile_after:
+                done = len(meter.times)
+                if meter.profile_steps and done == meter.profile_after:
                     meter.start_profiler()
-                synchronize()
+                if meter._synchronize_here(done):
+                    synchronize()
                 meter._last = time.perf_counter()
+                if done == meter.timed.start:
+                    meter._window_start = meter._last
 
             def on_step_end(self, args, state, control, **kw):
-                synchronize()
+                done = len(meter.times) + 1
+                if meter._synchronize_here(done) or meter.first_step_end is None:
+                    synchronize()
                 now = time.perf_counter()
                 meter.times.append(now - meter._last)
                 meter.tokens.append(meter._pending)
                 meter.padded_lengths.append(meter._padded_length)
-                print(f"[bench] step {len(meter.times)}: {meter.times[-1]:.3f} s, {meter._pending} tokens, "
-                      f"padded to {meter._padded_length}", flush=True)
+                tokens = f", {meter._pending} tokens" if meter.timing == "step" else " (host)"
+                print(f"[bench] step {done}: {meter.times[-1]:.3f} s{tokens}, padded to {meter._padded_length}",
+                      flush=True)
                 meter._pending = 0
                 if meter.first_step_end is None:
                     meter.first_step_end = now - PROCESS_START
-                if len(meter.times) == meter.profile_after + meter.profile_steps:
+                if done == meter.timed.stop:
+                    meter.window_s = now - meter._window_start
+                if done == meter.profile_after + meter.profile_steps:
                     meter.stop_profiler()  # what follows the last profiled step (the final checkpoint) is not a step
 
             def on_log(self, args, state, control, logs=None, **kw):
@@ -254,7 +279,7 @@ def sft_config(args, out: Path, **extra):
     return SFTConfig(output_dir=str(out), per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
                      train_sampling_strategy=sampling,
                      max_steps=trained_steps(args), learning_rate=2e-4, weight_decay=0.001, warmup_steps=5,
-                     lr_scheduler_type="linear", optim=optim, logging_steps=1, save_strategy="no",
+                     lr_scheduler_type="linear", optim=optim, logging_steps=args.logging_steps, save_strategy="no",
                      report_to=[], seed=3407, data_seed=3407, max_length=args.max_len, bf16=True,
                      dataset_num_proc=1, **extra)
 
@@ -269,7 +294,8 @@ def gemma_ft_config(args, data: Path, model_dir: Path):
     overrides = [f"model.name_or_path={model_dir}", f"data.path={data}", "data.columns.system=null",
                  f"data.val_size={VAL_ROWS}", "lora.train_lm_head=false", f"train.max_steps={trained_steps(args)}",
                  f"train.max_seq_length={args.max_len}", "train.eval_steps=0", "train.exact_match_rows=0",
-                 "train.report_to=none", "train.save_steps=100000", "train.logging_steps=1", "optim.warmup_steps=5"]
+                 "train.report_to=none", "train.save_steps=100000", f"train.logging_steps={args.logging_steps}",
+                 "optim.warmup_steps=5"]
     settings = {"train.per_device_train_batch_size": batch, "train.gradient_accumulation_steps": accumulation,
                 "optim.name": optim, "train.sampling": sampling}
     overrides += [f"{key}={value}" for key, value in settings.items() if value is not None]  # None: the default
@@ -384,6 +410,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="per-device batch instead of the case's")
     parser.add_argument("--sampling", choices=["random", "group_by_length"], default=None,
                         help="batch order instead of the case's (gemma_ft's default groups rows by length)")
+    parser.add_argument("--timing", choices=["step", "window"], default="step",
+                        help="step: GPU synchronised around every step (per-step times, for paired_steps.py); window: "
+                             "only around the timed steps, as a run without a benchmark (tokens/s of several GPUs)")
+    parser.add_argument("--logging-steps", type=int, default=1,
+                        help="log the loss every N steps (1: the whole loss curve; gemma_ft's default is 5)")
     parser.add_argument("--model-dir", default=None, help="this model folder instead of a random --arch one")
     parser.add_argument("--workdir", default="/tmp/bench")
     parser.add_argument("--tokenizer", required=True)
@@ -440,15 +471,18 @@ def main() -> None:
     if args.profile_steps:
         profile_out = Path(args.profile_out or "profile.txt")
         profile_out = profile_out.with_name(f"{profile_out.stem}_rank{os.environ.get('RANK', '0')}{profile_out.suffix}")
-    meter = Meter(args.steps, args.profile_steps, profile_out)
+    timed = slice(args.warmup, args.steps)
+    meter = Meter(timed, args.timing, args.profile_steps, profile_out)
     meter.wrap(trainer)
     trainer.train()
     meter.write_profile()
 
     if len(meter.times) <= args.warmup:
         raise SystemExit(f"only {len(meter.times)} steps ran; need more than --warmup {args.warmup}")
-    timed = slice(args.warmup, args.steps)
-    seconds, tokens = sum(meter.times[timed]), sum(meter.tokens[timed])
+    step_tokens = meter.tokens_counted()
+    # window: the timed steps' wall time, including the Trainer's work between steps, which per-step times leave out
+    seconds = meter.window_s if args.timing == "window" else sum(meter.times[timed])
+    tokens = sum(step_tokens[timed])
     gpus = world_size()
     if gpus > 1:  # under torchrun: every rank counted its own tokens; rank 0's clock times the (synchronised) steps
         import torch.distributed as dist
@@ -461,7 +495,7 @@ def main() -> None:
     model = trainer.model
     n_params = sum(p.numel() for p in model.parameters())
     batch = trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps * gpus
-    mean_len = tokens / max(1, len(meter.tokens[timed])) / batch
+    mean_len = tokens / max(1, len(step_tokens[timed])) / batch
     peak = matmul_peak_tflops() if cuda else float("nan")
     tokens_per_s = tokens / seconds
     result = {
@@ -479,7 +513,8 @@ def main() -> None:
         "compile_disabled": os.environ.get("UNSLOTH_COMPILE_DISABLE", "0") == "1",
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "ddp": ddp_settings(trainer.accelerator.ddp_handler) if gpus > 1 else None,
-        "step_times_s": meter.times, "step_tokens_rank0": meter.tokens,
+        "timing": args.timing, "logging_steps": trainer.args.logging_steps,
+        "step_times_s": meter.times, "step_tokens_rank0": step_tokens,
         "step_padded_lengths_rank0": meter.padded_lengths,
     }
     with open(args.out, "a") as handle:

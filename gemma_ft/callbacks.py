@@ -8,7 +8,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from gemma_ft.distributed import any_rank_received, wait_for_everyone
+from gemma_ft.distributed import StopVote, wait_for_everyone
 from gemma_ft.run_dir import COMPLETE_MARKER
 
 log = logging.getLogger(__name__)
@@ -36,28 +36,44 @@ class LogEveryFinalStep(TrainerCallback):
 
 
 class StopOnSignal(TrainerCallback):
-    """SIGINT/SIGTERM during training: finish the step, save a checkpoint, stop. `received` names the signal."""
+    """SIGINT/SIGTERM during training: finish the step, save a checkpoint, stop. `received` names the signal.
+
+    With several ranks, all stop after the same step, one step later than one process would: the ranks agree
+    through a StopVote read a step after it is cast, so that no rank waits for the others at every step. At the
+    last step the vote is read at once.
+    """
 
     def __init__(self):
         self.received: str | None = None
+        self._signal: str | None = None  # what this process was sent; `received` once every rank has agreed
         self._previous = {}
+        self._vote = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._previous[sig] = signal.signal(sig, self._handle)
+        if args.world_size > 1:
+            self._vote = StopVote()
         return control
 
     def _handle(self, signum, frame):
-        if self.received:  # a second Ctrl-C: stop at once
+        if self._signal:  # a second Ctrl-C: stop at once
             signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
             raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
-        log.warning("%s received: saving a checkpoint after this step, then stopping (again to abort)", self.received)
+        self._signal = signal.Signals(signum).name
+        log.warning("%s received: saving a checkpoint after this step, then stopping (again to abort)", self._signal)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if args.world_size > 1:  # ranks must stop after the same step, whichever of them saw the signal first
-            self.received = any_rank_received(self.received)
-        if self.received:
+        if self._vote is None:
+            stop = self._signal is not None
+        else:  # ranks must stop after the same step, whichever of them saw the signal first
+            stop = self._vote.last_result()
+            if not stop:
+                self._vote.cast(self._signal is not None)
+                if state.global_step >= state.max_steps:
+                    stop = self._vote.last_result()
+        if stop:
+            self.received = self._signal or "SIGTERM"
             control.should_save = True
             control.should_training_stop = True
         return control

@@ -106,15 +106,44 @@ def end_process_group() -> None:
         dist.destroy_process_group()
 
 
-def any_rank_received(received: str | None) -> str | None:
-    """The signal this rank received, else "SIGTERM" if any other rank received one (all ranks must call it)."""
-    import torch
-    import torch.distributed as dist
+class StopVote:
+    """The ranks' agreement on whether any of them was asked to stop, read one step after they vote.
 
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    flag = torch.tensor([1 if received else 0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return received or ("SIGTERM" if flag.item() else None)
+    Every rank must vote at every step. Reading a vote at once would hold each rank's host, at every step, until
+    both its GPU and every other rank had finished that step: a meeting where the faster rank waits for the slower,
+    which DDP's own collectives do not impose on the host. Read a step later, the vote has long arrived.
+    """
+
+    def __init__(self):
+        import torch
+
+        self._on_gpu = torch.cuda.is_available()
+        self._result = None  # the last vote: its value on the host (pinned), and on GPUs the event of its copy
+        self._arrived = None
+
+    def cast(self, stop: bool) -> None:
+        import torch
+        import torch.distributed as dist
+
+        device = torch.device("cuda", torch.cuda.current_device()) if self._on_gpu else torch.device("cpu")
+        flag = torch.tensor([1 if stop else 0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if not self._on_gpu:  # gloo's all_reduce has returned with the result
+            self._result = flag
+            return
+        if self._result is None:
+            self._result = torch.zeros(1, dtype=flag.dtype, pin_memory=True)
+            self._arrived = torch.cuda.Event()
+        self._result.copy_(flag, non_blocking=True)
+        self._arrived.record()
+
+    def last_result(self) -> bool:
+        """Whether any rank voted to stop in the last vote (False before the first); waits for it if needed."""
+        if self._result is None:
+            return False
+        if self._arrived is not None:
+            self._arrived.synchronize()
+        return bool(self._result.item())
 
 
 def launcher_start_time() -> float:

@@ -57,7 +57,7 @@ def test_batch_order_and_batch_override_a_cases_settings_and_unset_ones_keep_gem
 
     throughput = load_script("throughput")
     args = SimpleNamespace(case="gemma_ft", batch=None, sampling="group_by_length", steps=3, profile_steps=0,
-                           max_len=256)
+                           max_len=256, logging_steps=5)
     assert throughput.case_settings(args) == (8, 1, "adamw_torch", "group_by_length")
 
     def config(**changes):
@@ -69,3 +69,12 @@ def test_batch_order_and_batch_override_a_cases_settings_and_unset_ones_keep_gem
     assert (defaults.train.gradient_accumulation_steps, defaults.train.sampling) == (1, "group_by_length")
     random_order = config(case="gemma_ft_defaults", sampling="random")
     assert random_order.train.sampling == "random" and random_order.train.per_device_train_batch_size == 8
+    assert random_order.train.logging_steps == 5
+
+
+def test_window_timing_synchronises_only_at_the_timed_windows_ends_and_step_timing_at_every_step():
+    meter_class = load_script("throughput").Meter
+    window = meter_class(slice(5, 20), timing="window", profile_steps=3)
+    assert [n for n in range(30) if window._synchronize_here(n)] == [5, 20, 23]  # window, then the profiled steps
+    every = meter_class(slice(5, 20), timing="step")
+    assert all(every._synchronize_here(n) for n in range(30))
