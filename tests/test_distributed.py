@@ -210,3 +210,39 @@ def test_a_submitit_job_of_several_tasks_closes_its_process_group_and_a_basic_sw
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_ranks_stop_a_step_after_the_signal_and_at_once_in_the_last_step(tmp_path):
+    """StopOnSignal's vote (one real StopVote over a one-process gloo group) against one process's immediate stop."""
+    import signal
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from transformers import TrainerControl
+
+    from gemma_ft.callbacks import StopOnSignal
+
+    def stop(world_size: int, signal_after_step: int, max_steps: int = 6):
+        """(step it stopped after, checkpoint asked for, `received`), or None if training ran to the end."""
+        callback, args = StopOnSignal(), SimpleNamespace(world_size=world_size)
+        callback.on_train_begin(args, None, TrainerControl())
+        try:
+            for step in range(1, max_steps + 1):
+                control = callback.on_step_end(args, SimpleNamespace(global_step=step, max_steps=max_steps),
+                                               TrainerControl())
+                if control.should_training_stop:
+                    return step, control.should_save, callback.received
+                if step == signal_after_step:
+                    os.kill(os.getpid(), signal.SIGTERM)
+            return None
+        finally:
+            callback.on_train_end(args, None, TrainerControl())
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert stop(1, signal_after_step=2) == (3, True, "SIGTERM")  # one process: after the step it was sent in
+        assert stop(2, signal_after_step=2) == (4, True, "SIGTERM")  # ranks: the vote cast at step 3 is read at 4
+        assert stop(2, signal_after_step=5) == (6, True, "SIGTERM")  # in the last step the vote is read at once
+        assert stop(2, signal_after_step=0) is None
+    finally:
+        dist.destroy_process_group()
