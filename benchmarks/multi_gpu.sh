@@ -8,6 +8,8 @@
 #                the Trainer's default for PEFT models; gemma_ft turns it off)
 #   vote         gemma_ft's StopVote over NCCL: rank 1 votes to stop in the third of five rounds; every rank must
 #                read it in the fourth (a few seconds)
+#   local_metrics  the two-GPU run with TRL's per-step metrics left on each rank (not gathered after every forward
+#                pass, a meeting of the ranks; the logged metrics are rank 0's): what that meeting costs
 #   omp          the two-GPU run with OMP_NUM_THREADS = half the host's cores per rank (torchrun's default is 1)
 #   independent  two one-GPU runs at once, one per GPU, that never communicate (independent.jsonl): what two GPUs
 #                give on this host without DDP. Against speed1 it shows what running two processes costs the host
@@ -87,6 +89,9 @@ for part in $(echo " $PARTS " | sed 's/ speed / speed1 speed2 /g'); do
     vote)
       timeout $(time_left 120) torchrun --nproc_per_node 2 benchmarks/stop_vote_check.py > $OUT/logs/vote.log 2>&1
       echo "stop vote over NCCL rc=$? at ${SECONDS}s: $(grep -h 'rank' $OUT/logs/vote.log | tr '\n' ' ')" ;;
+    local_metrics)
+      two_gpus gpu2_batch${BATCH}_local_metrics$n --rank-local-metrics
+      echo "2 GPUs x $BATCH, rank-local TRL metrics rc=$? at ${SECONDS}s" ;;
     omp)
       threads=$(( $(nproc) / 2 ))
       OMP_NUM_THREADS=$threads two_gpus gpu2_batch${BATCH}_omp$n
@@ -103,6 +108,7 @@ for name in ('multi_gpu', 'independent'):
     for l in open(path) if os.path.exists(path) else []:
         d = json.loads(l)
         print(name, d['gpus'], 'x', d['batch'], d['sampling'], 'DDP', d.get('ddp'), 'OMP', d.get('omp_num_threads'),
+              'local metrics', d.get('rank_local_metrics'),
               round(d['tokens_per_s']), 'tok/s', round(d['s_per_step'], 3), 's/step, median',
               round(d['median_s_per_step'], 3), round(d['peak_reserved_gib'], 2), 'GiB', d['losses'][:20])
 "

@@ -422,6 +422,9 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=0,
                         help="run torch.profiler over this many extra steps after the timed ones; tables to --profile-out")
     parser.add_argument("--profile-out", help="the profile tables' file (each rank adds _rankN)")
+    parser.add_argument("--rank-local-metrics", action="store_true",
+                        help="under torchrun: TRL's per-step metrics are not gathered from the ranks (an experiment: "
+                             "what that per-step meeting of the ranks costs; the logged metrics are rank 0's)")
     parser.add_argument("--ddp", action="append", default=[], metavar="OPTION=true|false",
                         help="under torchrun: a DistributedDataParallel option set on top of the Trainer's, e.g. "
                              "find_unused_parameters=true (the Trainer's default for PEFT), static_graph=true, "
@@ -460,6 +463,11 @@ def main() -> None:
         trainer = case_unsloth(args, data, model_dir)
     else:
         trainer = case_hf(args, data, model_dir)
+    if args.rank_local_metrics:
+        # TRL gathers its logged metrics (entropy, token accuracy, token count) from every rank after each forward pass
+        # and reads them on the host: a meeting of the ranks at every step. Left on each rank, the host waits for its
+        # own GPU only (as with one GPU); the logged metrics are then rank 0's. For measuring that meeting only.
+        trainer.accelerator.gather_for_metrics = lambda tensor, *args, **kwargs: tensor
     if ddp_options:
         from accelerate.utils import DistributedDataParallelKwargs
 
@@ -513,6 +521,7 @@ def main() -> None:
         "compile_disabled": os.environ.get("UNSLOTH_COMPILE_DISABLE", "0") == "1",
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "ddp": ddp_settings(trainer.accelerator.ddp_handler) if gpus > 1 else None,
+        "rank_local_metrics": args.rank_local_metrics,
         "timing": args.timing, "logging_steps": trainer.args.logging_steps,
         "step_times_s": meter.times, "step_tokens_rank0": step_tokens,
         "step_padded_lengths_rank0": meter.padded_lengths,
