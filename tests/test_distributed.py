@@ -16,7 +16,7 @@ from gemma_ft.pipeline import run
 from tests.conftest import TINY, chess_rows, typed_config, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 6
+STEPS = 4
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -34,16 +34,16 @@ def torchrun(cwd: Path, mode: str, step: int, *overrides: str) -> subprocess.Com
 def test_two_ranks_share_one_run_dir_stop_resume_and_train_like_one_process_with_the_same_global_batch(tmp_path):
     data = write_csv(tmp_path / "chess.csv", chess_rows(64))
     common = [*TINY, f"data.path={data}", "data.val_size=8", "train.sampling=random", f"train.max_steps={STEPS}",
-              "train.save_steps=5"]
+              "train.save_steps=2"]
 
-    # SIGTERM at the end of step 2 (on both ranks, after gemma_ft's callback): one process would stop after step 3;
-    # the ranks vote at step 3 and read the vote a step later, so every rank stops after step 4 and saves checkpoint-4.
-    stopped = torchrun(tmp_path, "sigterm", 2, *common, "train.per_device_train_batch_size=2")
+    # SIGTERM at the end of step 1 (on both ranks, after gemma_ft's callback): one process would stop after step 2;
+    # the ranks vote at step 2 and read the vote a step later, so every rank stops after step 3 and saves checkpoint-3.
+    stopped = torchrun(tmp_path, "sigterm", 1, *common, "train.per_device_train_batch_size=2")
     assert stopped.returncode != 0 and "resume" in stopped.stderr, stopped.stderr[-3000:]
-    assert "SIGTERM: stopped at step 4" in stopped.stderr, stopped.stderr[-3000:]
+    assert "SIGTERM: stopped at step 3" in stopped.stderr, stopped.stderr[-3000:]
     # No run.name given: both ranks still chose the same timestamped dir (their launcher's start time).
     [run_dir] = list((tmp_path / "outputs").glob("*/*"))
-    checkpoint = run_dir / "checkpoints" / "checkpoint-4"
+    checkpoint = run_dir / "checkpoints" / "checkpoint-3"
     assert {"rng_state_0.pth", "rng_state_1.pth", "gemma_ft_complete"} <= {p.name for p in checkpoint.iterdir()}
     assert not (run_dir / "metrics.json").exists()
 
