@@ -146,7 +146,7 @@ class Meter:
         session 6 its 756 copies to the host made up most of what the profile called waits).
         """
         self.timed, self.timing = timed, timing
-        self.profile_after, self.profile_steps, self.profile_out = timed.stop, profile_steps, profile_out
+        self.profile_steps, self.profile_out = profile_steps, profile_out
         self._profiler, self._profiling = None, False
         self.tokens: list = []  # per step: an int, or a tensor on the GPU until tokens_counted() (window timing)
         self.padded_lengths: list[int] = []  # the batch's padded row length: each new length is a new shape
@@ -156,6 +156,10 @@ class Meter:
         self.first_step_end: float | None = None
         self._pending = self._padded_length = 0
         self._last = self._window_start = None
+
+    @property
+    def profile_after(self) -> int:
+        return self.timed.stop  # the profiled steps follow the timed ones
 
     def _synchronize_here(self, step: int) -> bool:
         """Synchronise before step `step` (0-based) begins or after it ends: every step, or at the window's ends."""

@@ -126,7 +126,9 @@ class StopVote:
         import torch.distributed as dist
 
         device = torch.device("cuda", torch.cuda.current_device()) if self._on_gpu else torch.device("cpu")
-        flag = torch.tensor([1 if stop else 0], device=device)
+        # Filled on the device: torch.tensor([...], device=cuda) copies from the host and waits for the GPU to finish
+        # everything queued before it (a blocking copy synchronises its stream), the very wait the vote avoids.
+        flag = torch.full((1,), 1 if stop else 0, device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if not self._on_gpu:  # gloo's all_reduce has returned with the result
             self._result = flag
