@@ -117,7 +117,8 @@ class StopVote:
     def __init__(self):
         import torch
 
-        self._on_gpu = torch.cuda.is_available()
+        on_gpu = torch.cuda.is_available()
+        self._device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
         self._result = None  # the last vote: its value on the host (pinned), and on GPUs the event of its copy
         self._arrived = None
 
@@ -125,12 +126,11 @@ class StopVote:
         import torch
         import torch.distributed as dist
 
-        device = torch.device("cuda", torch.cuda.current_device()) if self._on_gpu else torch.device("cpu")
         # Filled on the device: torch.tensor([...], device=cuda) copies from the host and waits for the GPU to finish
         # everything queued before it (a blocking copy synchronises its stream), the very wait the vote avoids.
-        flag = torch.full((1,), 1 if stop else 0, device=device)
+        flag = torch.full((1,), 1 if stop else 0, device=self._device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if not self._on_gpu:  # gloo's all_reduce has returned with the result
+        if self._device.type == "cpu":  # gloo's all_reduce has returned with the result
             self._result = flag
             return
         if self._result is None:
