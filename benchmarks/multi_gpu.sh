@@ -102,7 +102,7 @@ for part in $(echo " $PARTS " | sed 's/ speed / speed1 speed2 /g'); do
   esac
 done
 python3 -c "
-import json, os
+import json, os, zlib
 for name in ('multi_gpu', 'independent'):
     path = '$OUT/' + name + '.jsonl'
     for l in open(path) if os.path.exists(path) else []:
@@ -110,7 +110,9 @@ for name in ('multi_gpu', 'independent'):
         print(name, d['gpus'], 'x', d['batch'], d['sampling'], 'DDP', d.get('ddp'), 'OMP', d.get('omp_num_threads'),
               'local metrics', d.get('rank_local_metrics'),
               round(d['tokens_per_s']), 'tok/s', round(d['s_per_step'], 3), 's/step, median',
-              round(d['median_s_per_step'], 3), round(d['peak_reserved_gib'], 2), 'GiB', d['losses'][:20])
+              round(d['median_s_per_step'], 3), round(d['peak_reserved_gib'], 2), 'GiB', d['losses'][:20],
+              # the same for runs that trained every rank on the same rows
+              'batches', zlib.crc32(json.dumps(d.get('step_token_id_sums_by_rank')).encode()))
 "
 kill %1 %2 2>/dev/null
 if [ "${SAVE_COMPILE_CACHE:-0}" = 1 ]; then

@@ -150,11 +150,14 @@ class Meter:
         self._profiler, self._profiling = None, False
         self.tokens: list = []  # per step: an int, or a tensor on the GPU until tokens_counted() (window timing)
         self.padded_lengths: list[int] = []  # the batch's padded row length: each new length is a new shape
+        # per step, the sum of the batch's token ids: which rows each rank trained on, comparable across runs
+        # (an int, or a tensor on the GPU until token_id_sums_counted(), as the tokens)
+        self.token_id_sums: list = []
         self.times: list[float] = []
         self.window_s: float | None = None  # wall time of the timed steps, GPU synchronised at both ends
         self.losses: list[float] = []
         self.first_step_end: float | None = None
-        self._pending = self._padded_length = 0
+        self._pending = self._padded_length = self._token_id_sum = 0
         self._last = self._window_start = None
 
     @property
@@ -169,6 +172,9 @@ class Meter:
     def tokens_counted(self) -> list[int]:
         return [int(t) for t in self.tokens]
 
+    def token_id_sums_counted(self) -> list[int]:
+        return [int(t) for t in self.token_id_sums]
+
     def wrap(self, trainer) -> None:
         from transformers import TrainerCallback
 
@@ -180,6 +186,7 @@ class Meter:
             count = mask.sum() if mask is not None else inputs["input_ids"].numel()
             meter._pending += int(count) if meter.timing == "step" else count  # int() waits for the GPU
             meter._padded_length = inputs["input_ids"].shape[-1]
+            meter._token_id_sum = inputs["input_ids"].sum()  # stays on the GPU: no wait
             return step(model, inputs, *args, **kwargs)
 
         trainer.training_step = counted
@@ -203,6 +210,7 @@ class Meter:
                 meter.times.append(now - meter._last)
                 meter.tokens.append(meter._pending)
                 meter.padded_lengths.append(meter._padded_length)
+                meter.token_id_sums.append(meter._token_id_sum)
                 tokens = f", {meter._pending} tokens" if meter.timing == "step" else " (host)"
                 print(f"[bench] step {done}: {meter.times[-1]:.3f} s{tokens}, padded to {meter._padded_length}",
                       flush=True)
@@ -496,12 +504,18 @@ def main() -> None:
     seconds = meter.window_s if args.timing == "window" else sum(meter.times[timed])
     tokens = sum(step_tokens[timed])
     gpus = world_size()
+    # Every rank's batches, to check that the ranks split one seeded order, the same in every run (in session 10
+    # one of three two-GPU runs gave rank 1 other batches than the other two runs did; rank 0's were the same).
+    own_batches = {"padded_lengths": meter.padded_lengths, "token_id_sums": meter.token_id_sums_counted()}
+    batches_by_rank = [own_batches]
     if gpus > 1:  # under torchrun: every rank counted its own tokens; rank 0's clock times the (synchronised) steps
         import torch.distributed as dist
 
         total = torch.tensor([tokens], device="cuda" if cuda else "cpu")
         dist.all_reduce(total)
         tokens = int(total.item())
+        batches_by_rank = [None] * gpus
+        dist.all_gather_object(batches_by_rank, own_batches)
         if dist.get_rank() != 0:
             return
     model = trainer.model
@@ -529,6 +543,8 @@ def main() -> None:
         "timing": args.timing, "logging_steps": trainer.args.logging_steps,
         "step_times_s": meter.times, "step_tokens_rank0": step_tokens,
         "step_padded_lengths_rank0": meter.padded_lengths,
+        "step_padded_lengths_by_rank": [r["padded_lengths"] for r in batches_by_rank],
+        "step_token_id_sums_by_rank": [r["token_id_sums"] for r in batches_by_rank],
     }
     with open(args.out, "a") as handle:
         handle.write(json.dumps(result) + "\n")

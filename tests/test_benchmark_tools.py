@@ -78,3 +78,29 @@ def test_window_timing_synchronises_only_at_the_timed_windows_ends_and_step_timi
     assert [n for n in range(30) if window._synchronize_here(n)] == [5, 20, 23]  # window, then the profiled steps
     every = meter_class(slice(5, 20), timing="step")
     assert all(every._synchronize_here(n) for n in range(30))
+
+
+def test_meter_records_each_steps_padded_length_and_token_id_sum():
+    import torch
+
+    meter = load_script("throughput").Meter(slice(1, 3), timing="window")
+
+    class Trainer:  # what Meter.wrap touches: training_step and the callbacks
+        callbacks = []
+
+        def training_step(self, model, inputs):
+            return torch.tensor(0.0)
+
+        def add_callback(self, callback):
+            self.callbacks.append(callback)
+
+    trainer = Trainer()
+    meter.wrap(trainer)
+    timer = trainer.callbacks[0]
+    for ids in ([[5, 6, 7], [8, 9, 0]], [[1, 2], [3, 4]]):
+        timer.on_step_begin(None, None, None)
+        trainer.training_step(None, {"input_ids": torch.tensor(ids), "attention_mask": torch.ones(2, len(ids[0]))})
+        timer.on_step_end(None, None, None)
+    assert meter.padded_lengths == [3, 2]
+    assert meter.token_id_sums_counted() == [35, 10]
+    assert meter.tokens_counted() == [6, 4]
