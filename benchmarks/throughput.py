@@ -67,7 +67,7 @@ def make_model(arch: str, tokenizer_dir: Path, target: Path) -> None:
     import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    if (target / "config.json").exists():
+    if target.exists():  # written under another name and renamed: complete
         return
     layers = ARCHS[arch]["num_hidden_layers"]
     config = Gemma3TextConfig(vocab_size=262144, max_position_embeddings=32768, rope_theta=1_000_000.0,
@@ -78,10 +78,13 @@ def make_model(arch: str, tokenizer_dir: Path, target: Path) -> None:
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = Gemma3ForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(target)
+    partial = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted run
+    model.save_pretrained(partial)
     for item in tokenizer_dir.iterdir():
         if item.is_file() and item.name != ".complete":
-            shutil.copy2(item, target / item.name)
+            shutil.copy2(item, partial / item.name)
+    partial.rename(target)
 
 
 def synchronize() -> None:
@@ -399,15 +402,25 @@ def flops_per_token(arch: str, n_params: int, mean_len: float) -> float:
 
 
 def prepare_inputs(args) -> tuple[Path, Path]:
-    """The CSV in --workdir and the model (--model-dir, or a random --arch one built there once)."""
+    """The CSV in --workdir and the model (--model-dir, or a random --arch one built there once).
+
+    Under torchrun every rank calls this at once: one writes while the others wait for the lock, and each is
+    written under another name and renamed into place. Before, a rank could read the CSV while another was still
+    writing it: in sessions 9 and 10 one rank of two two-GPU runs trained on 1,393 and 1,989 of the 3,000 rows.
+    """
+    from filelock import FileLock
+
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     data = work / "data.csv"
-    if not data.exists():
-        make_data(data)
     model_dir = Path(args.model_dir) if args.model_dir else work / f"gemma3-{args.arch}-random"
-    if not args.model_dir:
-        make_model(args.arch, Path(args.tokenizer), model_dir)
+    with FileLock(str(work / ".prepare.lock")):
+        if not data.exists():
+            partial = work / ".data.csv.partial"
+            make_data(partial)
+            partial.replace(data)
+        if not args.model_dir:
+            make_model(args.arch, Path(args.tokenizer), model_dir)
     return data, model_dir
 
 

@@ -104,3 +104,30 @@ def test_meter_records_each_steps_padded_length_and_token_id_sum():
     assert meter.padded_lengths == [3, 2]
     assert meter.token_id_sums_counted() == [35, 10]
     assert meter.tokens_counted() == [6, 4]
+
+
+def _rows_read_after_preparing(workdir: str, start) -> int:
+    """One torchrun rank's view: prepare the benchmark's inputs, then count the CSV's data rows."""
+    import csv
+    from types import SimpleNamespace
+
+    throughput = load_script("throughput")
+    start.wait()  # the ranks start together, as under torchrun
+    args = SimpleNamespace(workdir=workdir, model_dir=workdir, arch="270m", tokenizer=workdir)
+    data, _ = throughput.prepare_inputs(args)
+    with data.open(newline="") as handle:
+        return sum(1 for _ in csv.reader(handle)) - 1
+
+
+def test_ranks_preparing_the_benchmark_inputs_at_once_all_read_the_whole_csv(tmp_path):
+    # Sessions 9 and 10: one rank of two two-GPU runs read 1,393 and 1,989 of the 3,000 rows, while the other rank
+    # was still writing them, and trained on other rows than its partner.
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    for attempt in range(3):
+        workdir = tmp_path / f"run{attempt}"
+        start = context.Manager().Barrier(2)
+        with context.Pool(2) as pool:
+            rows = pool.starmap(_rows_read_after_preparing, [(str(workdir), start)] * 2)
+        assert rows == [3000, 3000]
