@@ -19,6 +19,7 @@ from gemma_ft.compile_cache import import_unsloth_with_persistent_compile_cache
 from gemma_ft.config import Config, to_typed
 from gemma_ft.data.conversations import Split, load_conversations, split_conversations
 from gemma_ft.distributed import (
+    check_every_rank_read_the_same_rows,
     is_main_process,
     keep_unsloth_checkpointing_under_ddp,
     load_adapters_on_own_gpu,
@@ -109,6 +110,7 @@ def prepare(cfg: Any, run_dir: str | Path | None = None) -> Prepared:
     stop_on_signal = StopOnSignal()
     callbacks = [MarkCheckpointComplete(), LogEveryFinalStep(), stop_on_signal]
     trainer = build_trainer(model, tokenizer, train_dataset, eval_dataset, cfg, checkpoint_dir(run_dir), callbacks)
+    check_every_rank_read_the_same_rows(cfg.data.path, split)  # the Trainer has started the ranks' process group
     dropped = mask_to_responses(trainer)
     pad_short_batches_for_flex_attention(trainer, model, tokenizer)
     return Prepared(cfg, run_dir, split, tokenizer, model, trainer, dropped, plan.resume_from, stop_on_signal)

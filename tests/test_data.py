@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gemma_ft.data.conversations import load_conversations, split_conversations
+from gemma_ft.data.conversations import load_conversations, split_conversations, split_digest
 from gemma_ft.errors import DataError
 from tests.conftest import chess_rows, typed_config, write_csv
 
@@ -175,3 +175,12 @@ def test_control_text_escape_and_strip(tmp_path, gemma_tokenizer):
     assert 105 not in ids and "start_of_turn" in escaped.user
     stripped = load_conversations(data_cfg(path, "data.control_tokens=strip"))[0]
     assert stripped.user == "x model\ny"
+
+
+def test_the_split_digest_tells_apart_other_rows_and_another_split(tmp_path):
+    cfg = typed_config([f"data.path={write_csv(tmp_path / 'd.csv', chess_rows(20))}"]).data
+    rows = load_conversations(cfg)
+    split = split_conversations(rows, 4, seed=1)
+    assert split_digest(split) == split_digest(split_conversations(load_conversations(cfg), 4, seed=1))
+    assert split_digest(split) != split_digest(split_conversations(rows[:-1], 4, seed=1))  # a row fewer
+    assert split_digest(split) != split_digest(split_conversations(rows, 4, seed=2))  # the same rows, held out otherwise

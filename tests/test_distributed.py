@@ -23,12 +23,16 @@ def losses(run_dir: Path) -> list[float]:
     return [e["loss"] for e in json.loads((run_dir / "history.json").read_text()) if "loss" in e]
 
 
+def torchrun_module(cwd: Path, module: str, *args: str) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 -m module args...` on 2 CPU processes."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", module, *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
 def torchrun(cwd: Path, mode: str, step: int, *overrides: str) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node 2 -m gemma_ft ...` (through the test helper that can interrupt it)."""
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "-m", "tests.helpers.interrupted_cli", mode, str(step), *overrides],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return torchrun_module(cwd, "tests.helpers.interrupted_cli", mode, str(step), *overrides)
 
 
 def test_two_ranks_share_one_run_dir_stop_resume_and_train_like_one_process_with_the_same_global_batch(tmp_path):
@@ -246,3 +250,18 @@ def test_ranks_stop_a_step_after_the_signal_and_at_once_in_the_last_step(tmp_pat
         assert stop(2, signal_after_step=0) is None
     finally:
         dist.destroy_process_group()
+
+
+def test_every_rank_stops_with_one_line_naming_the_csv_when_a_rank_read_other_rows(tmp_path):
+    data = write_csv(tmp_path / "chess.csv", chess_rows(32))
+    run_dir = tmp_path / "run"
+    result = torchrun_module(tmp_path, "tests.helpers.uneven_data_cli", *TINY, f"data.path={data}", "data.val_size=4",
+                             "train.max_steps=2", f"run.dir={run_dir}")  # rank 1 reads 31 of the 32 rows
+
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "read other rows" in line]
+    assert len(errors) == 2, result.stderr[-3000:]  # each rank stops with the same line
+    assert errors[0] == errors[1] and errors[0].startswith("gemma_ft: error: ")
+    assert f"data.path={data}: rank(s) 1 read other rows than rank 0 (rows read, rank 0: 32, rank 1: 31)" in errors[0]
+    assert "raise DataError" not in result.stderr  # no traceback of gemma_ft's (torchrun reports the exit codes)
+    assert not list(run_dir.glob("checkpoints/checkpoint-*")) and not (run_dir / "metrics.json").exists()

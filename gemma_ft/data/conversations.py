@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import csv
 import difflib
+import hashlib
 import io
+import json
 import logging
 import math
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from importlib.resources import files
 from pathlib import Path
 
@@ -46,6 +48,15 @@ class Conversation:
 class Split:
     train: list[Conversation]
     validation: list[Conversation]
+
+
+def split_digest(split: Split) -> str:
+    """A fingerprint of the rows in each part of the split, in order: equal only for the same rows and split."""
+    digest = hashlib.sha256()
+    for part in (split.train, split.validation):
+        digest.update(json.dumps([astuple(c) for c in part]).encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
 
 
 def resolve_data_path(path: str) -> Path:
