@@ -96,12 +96,14 @@ def wait_for_everyone() -> None:
 def gather_from_ranks(value) -> list:
     """Every rank's `value`, in rank order, on every rank; [value] in a single process.
 
-    Under torchrun, call it once the process group runs (the Trainer starts it when it is created).
+    Starts the process group if nobody has yet (the Trainer does when it is created).
     """
     if world_size() <= 1:
         return [value]
     import torch.distributed as dist
+    from accelerate import PartialState
 
+    PartialState()
     values: list = [None] * dist.get_world_size()
     dist.all_gather_object(values, value)
     return values
