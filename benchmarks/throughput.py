@@ -466,7 +466,7 @@ def main() -> None:
 
         faulthandler.dump_traceback_later(float(os.environ["BENCH_STACK_DUMP_S"]), repeat=True)
 
-    from gemma_ft.distributed import use_local_gpu, world_size
+    from gemma_ft.distributed import gather_from_ranks, is_main_process, use_local_gpu, world_size
     from gemma_ft.models.builtin import cache_dir
 
     use_local_gpu()  # as gemma_ft does: each rank on its own GPU before any CUDA call
@@ -517,20 +517,14 @@ def main() -> None:
     seconds = meter.window_s if args.timing == "window" else sum(meter.times[timed])
     tokens = sum(step_tokens[timed])
     gpus = world_size()
-    # Every rank's batches, to check that the ranks split one seeded order, the same in every run (in session 10
-    # one of three two-GPU runs gave rank 1 other batches than the other two runs did; rank 0's were the same).
-    own_batches = {"padded_lengths": meter.padded_lengths, "token_id_sums": meter.token_id_sums_counted()}
-    batches_by_rank = [own_batches]
-    if gpus > 1:  # under torchrun: every rank counted its own tokens; rank 0's clock times the (synchronised) steps
-        import torch.distributed as dist
-
-        total = torch.tensor([tokens], device="cuda" if cuda else "cpu")
-        dist.all_reduce(total)
-        tokens = int(total.item())
-        batches_by_rank = [None] * gpus
-        dist.all_gather_object(batches_by_rank, own_batches)
-        if dist.get_rank() != 0:
-            return
+    # Every rank's batches: runs on the same rows have the same ones (in sessions 9 and 10 a rank that had read part
+    # of the CSV, see prepare_inputs, trained on other batches, seen only in its banner's row count).
+    batches_by_rank = gather_from_ranks(
+        {"padded_lengths": meter.padded_lengths, "token_id_sums": meter.token_id_sums_counted()})
+    # Every rank counted its own tokens; rank 0's clock times the steps (synchronised at the window's ends).
+    tokens = sum(gather_from_ranks(tokens))
+    if not is_main_process():
+        return
     model = trainer.model
     n_params = sum(p.numel() for p in model.parameters())
     batch = trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps * gpus
