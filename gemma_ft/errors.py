@@ -8,7 +8,10 @@ USER_ERROR_EXIT = 2
 
 def fail(program: str, message: str) -> NoReturn:
     """End the command on a user's mistake: one line on stderr, exit status 2."""
-    print(f"{program}: error: {message}", file=sys.stderr)
+    # One write of the whole line: under torchrun every rank fails at once on a shared stderr, and print's
+    # separate write of the newline let two ranks' messages run together on one line.
+    sys.stderr.write(f"{program}: error: {message}\n")
+    sys.stderr.flush()
     sys.exit(USER_ERROR_EXIT)
 
 

@@ -5,12 +5,28 @@ from __future__ import annotations
 import unsloth  # noqa: F401, I001  (unsloth patches transformers, trl and peft: import it first, as the runner does)
 
 import csv
+import os
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 
 from gemma_ft.config import register_configs, to_typed
+
+
+def share_the_cores_between_test_workers() -> None:
+    """Under pytest-xdist, each worker (and the runs it starts) gets its share of the cores: two workers of two
+    threads each on two cores spend their time waiting on each other's threads."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # for the runs the tests start as subprocesses
+        torch.set_num_threads(threads)
+
+
+share_the_cores_between_test_workers()
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 

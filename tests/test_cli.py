@@ -46,3 +46,25 @@ def test_cli_run_with_relative_data_path_and_override(tmp_path):
     assert metrics["weight_decay"] == 0.01
     run_dir = metrics_file.parent
     assert (run_dir / ".hydra" / "config.yaml").exists() and (run_dir / "adapter" / "adapter_config.json").exists()
+
+
+def test_an_error_line_reaches_stderr_in_one_write_so_ranks_sharing_stderr_do_not_run_lines_together(monkeypatch):
+    from gemma_ft.errors import USER_ERROR_EXIT, fail
+
+    class RecordingStream:
+        def __init__(self):
+            self.writes: list[str] = []
+
+        def write(self, text: str) -> int:
+            self.writes.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            self.writes.append("<flush>")
+
+    stream = RecordingStream()
+    monkeypatch.setattr(sys, "stderr", stream)
+    with pytest.raises(SystemExit) as exit_info:
+        fail("gemma_ft", "data.path=x.csv: rank(s) 1 read other rows than rank 0")
+    assert exit_info.value.code == USER_ERROR_EXIT
+    assert stream.writes == ["gemma_ft: error: data.path=x.csv: rank(s) 1 read other rows than rank 0\n", "<flush>"]
