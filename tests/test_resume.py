@@ -112,8 +112,9 @@ def test_signal_saves_a_checkpoint_and_says_how_to_resume(workdir, uninterrupted
     assert saved.name in ("checkpoint-3", "checkpoint-4") and (saved / "gemma_ft_complete").exists()
     assert "resume" in stopped.stderr and str(run_dir) in stopped.stderr
     assert not (run_dir / "metrics.json").exists()
-    resume_in_process([*args, f"run.dir={run_dir}"], run_dir, caplog)
-    assert_same_run(run_dir, uninterrupted)
+    if mode == "sigterm":  # resuming does not depend on which signal stopped the run: once is enough on 2 cores
+        resume_in_process([*args, f"run.dir={run_dir}"], run_dir, caplog)
+        assert_same_run(run_dir, uninterrupted)
 
 
 def test_finished_run_is_not_overwritten(workdir, uninterrupted):
