@@ -24,7 +24,7 @@ from gemma_ft.distributed import (
     shared_run_dir_overrides,
     submitit_tasks_as_one_run,
 )
-from gemma_ft.errors import UserError, fail
+from gemma_ft.errors import UserError, fail, say
 
 # The shell's convention for a process stopped by a signal: 128 + signal number.
 INTERRUPTED_EXIT = {"SIGINT": 130, "SIGTERM": 143}
@@ -46,7 +46,7 @@ def main(cfg: DictConfig) -> float:
                 first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
                 if is_main_process():
                     write_status(job_dir, "failed", f"{type(exc).__name__}: {first_line}")
-                print(f"gemma_ft: job {hydra_cfg.job.num} failed: {first_line}", file=sys.stderr)
+                say(f"gemma_ft: job {hydra_cfg.job.num} failed: {first_line}")
                 return math.nan
             if is_main_process():
                 write_status(job_dir, "ok")
@@ -58,7 +58,7 @@ def main(cfg: DictConfig) -> float:
             raise
         fail("gemma_ft", str(exc))
     except RunInterrupted as exc:
-        print(f"gemma_ft: {exc}", file=sys.stderr)
+        say(f"gemma_ft: {exc}")
         sys.exit(INTERRUPTED_EXIT[exc.signal_name])
     return metrics["eval_loss"]
 

@@ -6,12 +6,16 @@ from typing import NoReturn
 USER_ERROR_EXIT = 2
 
 
+def say(line: str) -> None:
+    """One line on stderr, in one write: under torchrun every rank reports at once on a shared stderr, and print's
+    separate write of the newline let two ranks' lines run together."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def fail(program: str, message: str) -> NoReturn:
     """End the command on a user's mistake: one line on stderr, exit status 2."""
-    # One write of the whole line: under torchrun every rank fails at once on a shared stderr, and print's
-    # separate write of the newline let two ranks' messages run together on one line.
-    sys.stderr.write(f"{program}: error: {message}\n")
-    sys.stderr.flush()
+    say(f"{program}: error: {message}")
     sys.exit(USER_ERROR_EXIT)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
+from gemma_ft.errors import say
 from gemma_ft.plots import curve, plot_sweep_eval_losses
 
 STATUS_FILE = "status.json"
@@ -112,6 +113,6 @@ class SweepSummary(Callback):
         print(f"Sweep summary: {sweep_dir / 'summary.csv'}, {sweep_dir / 'summary.png'}")
         failed = [r for r in rows if r["status"] != "ok"]
         if failed:
-            print(f"gemma_ft: {len(failed)} of {len(rows)} sweep job(s) failed: "
-                  + "; ".join(f"{r['job']}: {r['error']}" for r in failed), file=sys.stderr)
+            say(f"gemma_ft: {len(failed)} of {len(rows)} sweep job(s) failed: "
+                + "; ".join(f"{r['job']}: {r['error']}" for r in failed))
             sys.exit(1)
