@@ -112,7 +112,10 @@ for name in ('multi_gpu', 'independent'):
               round(d['tokens_per_s']), 'tok/s', round(d['s_per_step'], 3), 's/step, median',
               round(d['median_s_per_step'], 3), round(d['peak_reserved_gib'], 2), 'GiB', d['losses'][:20],
               # the same for runs that trained every rank on the same rows
-              'batches', zlib.crc32(json.dumps(d.get('step_token_id_sums_by_rank')).encode()))
+              'batches', zlib.crc32(json.dumps(d.get('step_token_id_sums_by_rank')).encode()),
+              # per rank: seconds spent pinning host memory, and the steps (1-based) that pinned any
+              'pinned s', [round(sum(s for _, s in r), 2) for r in d.get('step_pinned_host_allocs_by_rank', [])],
+              'at steps', [[i + 1 for i, (n, _) in enumerate(r) if n] for r in d.get('step_pinned_host_allocs_by_rank', [])])
 "
 kill %1 %2 2>/dev/null
 if [ "${SAVE_COMPILE_CACHE:-0}" = 1 ]; then

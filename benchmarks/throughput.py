@@ -134,6 +134,14 @@ def parse_ddp_options(pairs: list[str]) -> dict[str, bool]:
     return options
 
 
+def pinned_host_alloc_totals() -> tuple[int, float]:
+    """Pinned host blocks CUDA has allocated so far in this process, and the seconds those allocations took."""
+    import torch
+
+    stats = torch.cuda.memory.host_memory_stats() if torch.cuda.is_available() else {}
+    return int(stats.get("num_host_alloc", 0)), stats.get("host_alloc_time.total", 0) / 1e6  # microseconds
+
+
 class Meter:
     """Per-step time and non-padding tokens, from a wrapped training_step, and the timed window's wall time.
 
@@ -142,7 +150,8 @@ class Meter:
     does not have: every rank's host waits for both GPUs to finish the step. Per-step times are then the host's.
     """
 
-    def __init__(self, timed: slice, timing: str = "step", profile_steps: int = 0, profile_out: Path | None = None):
+    def __init__(self, timed: slice, timing: str = "step", profile_steps: int = 0, profile_out: Path | None = None,
+                 pinned_totals=None):
         """Profile profile_steps steps after the timed ones (into profile_out); 0 steps: no profile.
 
         The profiler stops at the end of the last profiled step, before the Trainer saves its final checkpoint (in
@@ -156,6 +165,12 @@ class Meter:
         # per step, the sum of the batch's token ids: which rows each rank trained on, comparable across runs
         # (an int, or a tensor on the GPU until token_id_sums_counted(), as the tokens)
         self.token_id_sums: list = []
+        # per step: pinned host blocks CUDA allocated and the seconds spent allocating them. Sessions 9 and 10 saw a
+        # one-time wait of ~3 s at the first record-length batch; unsloth's offloaded checkpointing grows its pinned
+        # buffers then (one cudaHostAlloc per layer), which these show or rule out.
+        self.pinned_allocs: list[tuple[int, float]] = []
+        self._pinned_totals = pinned_totals or pinned_host_alloc_totals
+        self._pinned_before = (0, 0.0)
         self.times: list[float] = []
         self.window_s: float | None = None  # wall time of the timed steps, GPU synchronised at both ends
         self.losses: list[float] = []
@@ -201,6 +216,7 @@ class Meter:
                     meter.start_profiler()
                 if meter._synchronize_here(done):
                     synchronize()
+                meter._pinned_before = meter._pinned_totals()
                 meter._last = time.perf_counter()
                 if done == meter.timed.start:
                     meter._window_start = meter._last
@@ -214,8 +230,12 @@ class Meter:
                 meter.tokens.append(meter._pending)
                 meter.padded_lengths.append(meter._padded_length)
                 meter.token_id_sums.append(meter._token_id_sum)
+                (blocks, alloc_s), (blocks_before, alloc_s_before) = meter._pinned_totals(), meter._pinned_before
+                meter.pinned_allocs.append((blocks - blocks_before, alloc_s - alloc_s_before))
                 tokens = f", {meter._pending} tokens" if meter.timing == "step" else " (host)"
-                print(f"[bench] step {done}: {meter.times[-1]:.3f} s{tokens}, padded to {meter._padded_length}",
+                pinned = (f", {blocks - blocks_before} pinned host blocks allocated in {alloc_s - alloc_s_before:.3f} s"
+                          if blocks > blocks_before else "")
+                print(f"[bench] step {done}: {meter.times[-1]:.3f} s{tokens}, padded to {meter._padded_length}{pinned}",
                       flush=True)
                 meter._pending = 0
                 if meter.first_step_end is None:
@@ -520,7 +540,8 @@ def main() -> None:
     # Every rank's batches: runs on the same rows have the same ones (in sessions 9 and 10 a rank that had read part
     # of the CSV, see prepare_inputs, trained on other batches, seen only in its banner's row count).
     batches_by_rank = gather_from_ranks(
-        {"padded_lengths": meter.padded_lengths, "token_id_sums": meter.token_id_sums_counted()})
+        {"padded_lengths": meter.padded_lengths, "token_id_sums": meter.token_id_sums_counted(),
+         "pinned_allocs": meter.pinned_allocs})
     # Every rank counted its own tokens; rank 0's clock times the steps (synchronised at the window's ends).
     tokens = sum(gather_from_ranks(tokens))
     if not is_main_process():
@@ -552,6 +573,7 @@ def main() -> None:
         "step_padded_lengths_rank0": meter.padded_lengths,
         "step_padded_lengths_by_rank": [r["padded_lengths"] for r in batches_by_rank],
         "step_token_id_sums_by_rank": [r["token_id_sums"] for r in batches_by_rank],
+        "step_pinned_host_allocs_by_rank": [r["pinned_allocs"] for r in batches_by_rank],  # (blocks, seconds)
     }
     with open(args.out, "a") as handle:
         handle.write(json.dumps(result) + "\n")

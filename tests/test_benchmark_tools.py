@@ -80,12 +80,11 @@ def test_window_timing_synchronises_only_at_the_timed_windows_ends_and_step_timi
     assert all(every._synchronize_here(n) for n in range(30))
 
 
-def test_meter_records_each_steps_padded_length_and_token_id_sum():
+def wrapped_in(meter):
+    """A stand-in Trainer with what Meter.wrap touches (training_step and the callbacks), and the Meter's timer."""
     import torch
 
-    meter = load_script("throughput").Meter(slice(1, 3), timing="window")
-
-    class Trainer:  # what Meter.wrap touches: training_step and the callbacks
+    class Trainer:
         callbacks = []
 
         def training_step(self, model, inputs):
@@ -96,7 +95,14 @@ def test_meter_records_each_steps_padded_length_and_token_id_sum():
 
     trainer = Trainer()
     meter.wrap(trainer)
-    timer = trainer.callbacks[0]
+    return trainer, trainer.callbacks[0]
+
+
+def test_meter_records_each_steps_padded_length_and_token_id_sum():
+    import torch
+
+    meter = load_script("throughput").Meter(slice(1, 3), timing="window")
+    trainer, timer = wrapped_in(meter)
     for ids in ([[5, 6, 7], [8, 9, 0]], [[1, 2], [3, 4]]):
         timer.on_step_begin(None, None, None)
         trainer.training_step(None, {"input_ids": torch.tensor(ids), "attention_mask": torch.ones(2, len(ids[0]))})
@@ -104,6 +110,21 @@ def test_meter_records_each_steps_padded_length_and_token_id_sum():
     assert meter.padded_lengths == [3, 2]
     assert meter.token_id_sums_counted() == [35, 10]
     assert meter.tokens_counted() == [6, 4]
+
+
+def test_meter_records_the_pinned_host_blocks_each_step_allocated_and_their_time():
+    import torch
+
+    # The CUDA host allocator's running totals (blocks, seconds) as the Meter reads them: before and after each step.
+    totals = iter([(0, 0.0), (0, 0.0), (0, 0.0), (18, 2.5), (18, 2.5), (18, 2.5)])
+    meter = load_script("throughput").Meter(slice(0, 3), timing="window", pinned_totals=lambda: next(totals))
+    trainer, timer = wrapped_in(meter)
+    for _ in range(3):
+        timer.on_step_begin(None, None, None)
+        trainer.training_step(None, {"input_ids": torch.tensor([[1, 2]])})
+        timer.on_step_end(None, None, None)
+    assert meter.pinned_allocs == [(0, 0.0), (18, 2.5), (0, 0.0)]
+    assert load_script("throughput").pinned_host_alloc_totals() == (0, 0.0)  # no CUDA here: nothing pinned
 
 
 def _rows_read_after_preparing(workdir: str, start) -> int:
