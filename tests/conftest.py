@@ -16,7 +16,7 @@ from gemma_ft.config import register_configs, to_typed
 
 def share_the_cores_between_test_workers() -> None:
     """Under pytest-xdist, each worker (and the runs it starts) gets its share of the cores rather than torch's
-    default of all of them: on 2 cores with 2 workers the suite took 576 s instead of 618 s (2026-11-27)."""
+    default of all of them, which puts two workers' threads on each core."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         import torch
