@@ -28,6 +28,29 @@ def share_the_cores_between_test_workers() -> None:
 
 share_the_cores_between_test_workers()
 
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """A folder that `build` fills once per test session: under pytest-xdist the first worker to ask builds it and
+    the others wait for it, instead of each repeating a training run (pytest-xdist's recipe for fixtures that must
+    run once)."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the workers
+    folder = root / name
+    with FileLock(str(folder) + ".lock"):
+        if not (folder / ".built").exists():
+            folder.mkdir(exist_ok=True)
+            build(folder)
+            (folder / ".built").touch()
+    return folder
+
+
+def pytest_collection_modifyitems(items):
+    """The slowest tests first: on 2 workers, a long test that starts last finishes the suite alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 # Fast settings for tiny-model runs; tests add what they check.

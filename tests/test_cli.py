@@ -37,6 +37,7 @@ def test_user_mistakes_exit_2_with_one_line(tmp_path, args, expected):
     assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("metrics.json"))
 
 
+@pytest.mark.slow
 def test_cli_run_with_relative_data_path_and_override(tmp_path):
     write_csv(tmp_path / "data.csv", chess_rows(12))
     result = gemma_ft(*TINY, "data.path=data.csv", "data.val_size=2", "optim.weight_decay=0.01", cwd=tmp_path)

@@ -35,6 +35,7 @@ def torchrun(cwd: Path, mode: str, step: int, *overrides: str) -> subprocess.Com
     return torchrun_module(cwd, "tests.helpers.interrupted_cli", mode, str(step), *overrides)
 
 
+@pytest.mark.slow
 def test_two_ranks_share_one_run_dir_stop_resume_and_train_like_one_process_with_the_same_global_batch(tmp_path):
     data = write_csv(tmp_path / "chess.csv", chess_rows(64))
     common = [*TINY, f"data.path={data}", "data.val_size=8", "train.sampling=random", f"train.max_steps={STEPS}",
@@ -252,6 +253,7 @@ def test_ranks_stop_a_step_after_the_signal_and_at_once_in_the_last_step(tmp_pat
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_every_rank_stops_with_one_line_naming_the_csv_when_a_rank_read_other_rows(tmp_path):
     data = write_csv(tmp_path / "chess.csv", chess_rows(32))
     run_dir = tmp_path / "run"

@@ -39,6 +39,7 @@ def test_base_model_speaks_before_any_training(model_dir):
     assert tokenizer.decode(out[0][ids["input_ids"].shape[1]:]) == " 5, 6,"
 
 
+@pytest.mark.slow
 def test_short_run_improves_exact_match_and_learns_to_end_its_turn(tmp_path):
     metrics = run(typed_config([
         "train.max_steps=10", "optim.lr=4e-4", "optim.warmup_steps=2",  # 10 steps instead of 20: CI has 2 cores

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from gemma_ft.pipeline import run
-from tests.conftest import TINY, chess_rows, typed_config, write_csv
+from tests.conftest import TINY, built_once, chess_rows, typed_config, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -49,17 +49,20 @@ def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
 
 
+def write_data_and_run_straight(workdir: Path) -> None:
+    write_csv(workdir / "data.csv", chess_rows(24))
+    result = cli(workdir, *overrides(workdir / "data.csv", "straight"))
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("resume")
-    write_csv(path / "data.csv", chess_rows(24))
-    return path
+    """The data and an uninterrupted run, shared by the test workers; each test writes its own run next to it."""
+    return built_once(tmp_path_factory, "resume", write_data_and_run_straight)
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(workdir):
-    result = cli(workdir, *overrides(workdir / "data.csv", "straight"))
-    assert result.returncode == 0, result.stderr[-2000:]
     return workdir / "outputs" / "straight"
 
 

@@ -34,6 +34,7 @@ def workdir(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_sweep_summarises_every_job_and_survives_a_failing_one(workdir):
     result = sweep(workdir, *FAST, "data.path=data.csv", "hydra.sweep.dir=outputs/wd",
                    "optim.weight_decay=0.001,0.01,-1")
@@ -60,6 +61,7 @@ def test_sweep_summarises_every_job_and_survives_a_failing_one(workdir):
     assert decays == [0.001, 0.01]
 
 
+@pytest.mark.slow
 def test_submitit_local_launcher_runs_a_two_job_sweep_of_two_ranks_each(workdir):
     """As hydra/launcher=slurm with gpus_per_node=2 would: each job's two tasks train as one torch.distributed run."""
     result = sweep(workdir, *FAST, "data.path=data.csv", "hydra.sweep.dir=outputs/submitit",
@@ -75,6 +77,7 @@ def test_submitit_local_launcher_runs_a_two_job_sweep_of_two_ranks_each(workdir)
         assert (sweep_dir / job / "gemma_ft.log").read_text().count("Data: 16 rows") == 1  # written by rank 0 only
 
 
+@pytest.mark.slow
 def test_optuna_search_minimises_eval_loss(workdir):
     result = sweep(workdir, *FAST, "data.path=data.csv", "hydra.sweep.dir=outputs/optuna",
                    "hparams_search=optuna_wd_lr", "hydra.sweeper.n_trials=2")

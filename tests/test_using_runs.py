@@ -4,24 +4,28 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from gemma_ft.pipeline import run
-from tests.conftest import TINY, chess_rows, typed_config, write_csv
+from tests.conftest import TINY, built_once, chess_rows, typed_config, write_csv
 
 GREEDY = ["sampling.do_sample=false"]
 
 
+def train_the_finished_run(root: Path) -> None:
+    data = write_csv(root / "data.csv", chess_rows(20))
+    run(typed_config([*TINY, f"data.path={data}", "data.val_size=4", "train.eval_steps=2",
+                      "train.report_to=tensorboard"]), run_dir=root / "run")
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    root = tmp_path_factory.mktemp("finished")
-    data = write_csv(root / "data.csv", chess_rows(20))
-    run_dir = root / "run"
-    metrics = run(typed_config([*TINY, f"data.path={data}", "data.val_size=4", "train.eval_steps=2",
-                                "train.report_to=tensorboard"]), run_dir=run_dir)
-    return run_dir, metrics
+    """A finished run, trained once and shared by the test workers."""
+    run_dir = built_once(tmp_path_factory, "finished", train_the_finished_run) / "run"
+    return run_dir, json.loads((run_dir / "metrics.json").read_text())
 
 
 def generate_config(run_dir, *overrides):
