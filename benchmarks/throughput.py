@@ -231,10 +231,10 @@ class Meter:
                 meter.padded_lengths.append(meter._padded_length)
                 meter.token_id_sums.append(meter._token_id_sum)
                 (blocks, alloc_s), (blocks_before, alloc_s_before) = meter._pinned_totals(), meter._pinned_before
-                meter.pinned_allocs.append((blocks - blocks_before, alloc_s - alloc_s_before))
+                new_blocks, new_alloc_s = blocks - blocks_before, alloc_s - alloc_s_before
+                meter.pinned_allocs.append((new_blocks, new_alloc_s))
                 tokens = f", {meter._pending} tokens" if meter.timing == "step" else " (host)"
-                pinned = (f", {blocks - blocks_before} pinned host blocks allocated in {alloc_s - alloc_s_before:.3f} s"
-                          if blocks > blocks_before else "")
+                pinned = f", {new_blocks} pinned host blocks allocated in {new_alloc_s:.3f} s" if new_blocks else ""
                 print(f"[bench] step {done}: {meter.times[-1]:.3f} s{tokens}, padded to {meter._padded_length}{pinned}",
                       flush=True)
                 meter._pending = 0
