@@ -7,6 +7,7 @@ backward, so it runs the forward pass only; on a GPU it also runs the backward.
 
     python benchmarks/flex_recompiles.py                       # lengths 400 380 360 300 200 150 140 127 600 500 120
     python benchmarks/flex_recompiles.py --lengths 300 129 128 600
+    python benchmarks/flex_recompiles.py --lengths 400 300 320 310 --batches 4 4 3 4   # an epoch's short last batch
 """
 
 from __future__ import annotations
@@ -19,8 +20,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lengths", type=int, nargs="+",
                         default=[400, 380, 360, 300, 200, 150, 140, 127, 600, 500, 120])
+    parser.add_argument("--batches", type=int, nargs="+",
+                        help="rows per call, one per length (default 2 for every length)")
     parser.add_argument("--head-dim", type=int, default=64)
     args = parser.parse_args()
+    batches = args.batches or [2] * len(args.lengths)
+    if len(batches) != len(args.lengths):
+        parser.error(f"--batches needs one value per length ({len(args.lengths)}), got {len(batches)}")
 
     import torch
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -32,8 +38,8 @@ def main() -> None:
     def causal(batch, head, q_index, kv_index):
         return q_index >= kv_index
 
-    for length in args.lengths:
-        q, k, v = (torch.randn(2, 4, length, args.head_dim, device=device, requires_grad=device == "cuda")
+    for length, batch in zip(args.lengths, batches):
+        q, k, v = (torch.randn(batch, 4, length, args.head_dim, device=device, requires_grad=device == "cuda")
                    for _ in range(3))
         block_mask = create_block_mask(causal, None, None, length, length, device=device)
         start = time.perf_counter()
@@ -41,7 +47,7 @@ def main() -> None:
         if device == "cuda":
             out.sum().backward()
             torch.cuda.synchronize()
-        print(f"length {length}: {time.perf_counter() - start:.2f} s", flush=True)
+        print(f"length {length}, {batch} rows: {time.perf_counter() - start:.2f} s", flush=True)
 
 
 if __name__ == "__main__":
