@@ -107,6 +107,7 @@ for name in ('multi_gpu', 'independent'):
     path = '$OUT/' + name + '.jsonl'
     for l in open(path) if os.path.exists(path) else []:
         d = json.loads(l)
+        pinned = d.get('step_pinned_host_allocs_by_rank', [])  # per rank and step: (blocks, seconds)
         print(name, d['gpus'], 'x', d['batch'], d['sampling'], 'DDP', d.get('ddp'), 'OMP', d.get('omp_num_threads'),
               'local metrics', d.get('rank_local_metrics'),
               round(d['tokens_per_s']), 'tok/s', round(d['s_per_step'], 3), 's/step, median',
@@ -114,8 +115,8 @@ for name in ('multi_gpu', 'independent'):
               # the same for runs that trained every rank on the same rows
               'batches', zlib.crc32(json.dumps(d.get('step_token_id_sums_by_rank')).encode()),
               # per rank: seconds spent pinning host memory, and the steps (1-based) that pinned any
-              'pinned s', [round(sum(s for _, s in r), 2) for r in d.get('step_pinned_host_allocs_by_rank', [])],
-              'at steps', [[i + 1 for i, (n, _) in enumerate(r) if n] for r in d.get('step_pinned_host_allocs_by_rank', [])])
+              'pinned s', [round(sum(s for _, s in r), 2) for r in pinned],
+              'at steps', [[i + 1 for i, (n, _) in enumerate(r) if n] for r in pinned])
 "
 kill %1 %2 2>/dev/null
 if [ "${SAVE_COMPILE_CACHE:-0}" = 1 ]; then

@@ -151,7 +151,7 @@ class Meter:
     """
 
     def __init__(self, timed: slice, timing: str = "step", profile_steps: int = 0, profile_out: Path | None = None,
-                 pinned_totals=None):
+                 pinned_totals=pinned_host_alloc_totals):
         """Profile profile_steps steps after the timed ones (into profile_out); 0 steps: no profile.
 
         The profiler stops at the end of the last profiled step, before the Trainer saves its final checkpoint (in
@@ -169,7 +169,7 @@ class Meter:
         # one-time wait of ~3 s at the first record-length batch; unsloth's offloaded checkpointing grows its pinned
         # buffers then (one cudaHostAlloc per layer), which these show or rule out.
         self.pinned_allocs: list[tuple[int, float]] = []
-        self._pinned_totals = pinned_totals or pinned_host_alloc_totals
+        self._pinned_totals = pinned_totals
         self._pinned_before = (0, 0.0)
         self.times: list[float] = []
         self.window_s: float | None = None  # wall time of the timed steps, GPU synchronised at both ends

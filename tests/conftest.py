@@ -14,6 +14,10 @@ from hydra import compose, initialize_config_dir
 from gemma_ft.config import register_configs, to_typed
 
 
+def pytest_configure(config) -> None:
+    share_the_cores_between_test_workers()
+
+
 def share_the_cores_between_test_workers() -> None:
     """Under pytest-xdist, each worker (and the runs it starts) gets its share of the cores rather than torch's
     default of all of them, which puts two workers' threads on each core."""
@@ -26,13 +30,11 @@ def share_the_cores_between_test_workers() -> None:
         torch.set_num_threads(threads)
 
 
-share_the_cores_between_test_workers()
-
-
 def built_once(tmp_path_factory, name: str, build) -> Path:
     """A folder that `build` fills once per test session: under pytest-xdist the first worker to ask builds it and
     the others wait for it, instead of each repeating a training run (pytest-xdist's recipe for fixtures that must
-    run once)."""
+    run once). Unlike the model cache (gemma_ft.models.builtin._cached) it builds in place, not in a staging folder
+    renamed at the end: the runs built here record their absolute paths (data.path, run dir), which tests read back."""
     from filelock import FileLock
 
     root = tmp_path_factory.getbasetemp()

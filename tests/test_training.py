@@ -126,7 +126,7 @@ def test_weight_decay_reaches_the_optimizer(tmp_path):
     # hard-coded or dropped value would give 0.001 or 0.0.
     expected = 0.01
     path = write_csv(tmp_path / "d.csv", chess_rows(6))
-    p = prepare(typed_config([*TINY, f"data.path={path}", "data.val_size=2", "optim.weight_decay=0.01"]),
+    p = prepare(typed_config([*TINY, f"data.path={path}", "data.val_size=2", f"optim.weight_decay={expected}"]),
                 run_dir=tmp_path / "r")
     optimizer = p.trainer.create_optimizer()
     decays = {group["weight_decay"] for group in optimizer.param_groups if group["params"]}
