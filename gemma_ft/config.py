@@ -36,7 +36,9 @@ class LoraConfig:
     train_lm_head: bool = False
     train_embeddings: bool = False
     bias: str = "none"
-    use_gradient_checkpointing: Any = "unsloth"
+    # auto: off on a GPU when the step's activations fit, else unsloth's offloaded one (gemma_ft/batching.py);
+    # or unsloth | true | false
+    use_gradient_checkpointing: Any = "auto"
     use_rslora: bool = False
 
 
@@ -85,6 +87,11 @@ class TrainConfig:
     # random | group_by_length (batches of similar length: far less padding on data with a spread of lengths)
     sampling: str = "group_by_length"
     max_seq_length: int = 512
+    # padded: batches of per_device_train_batch_size rows padded to the longest; packed: whole rows packed into
+    # bins of tokens_per_step tokens (one fixed shape); auto: packed on a CUDA GPU, padded on a CPU.
+    batching: str = "auto"
+    # Tokens per packed step and device (null: chosen from the model size and free GPU memory, gemma_ft/batching.py).
+    tokens_per_step: Optional[int] = None
     logging_steps: int = 5
     eval_steps: int = 20  # 0: evaluate only at the end
     save_steps: int = 500

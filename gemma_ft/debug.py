@@ -7,7 +7,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from gemma_ft.training import IGNORE_INDEX
+from gemma_ft.data.encoding import IGNORE_INDEX
 
 
 def peak_rss_gib() -> float:
@@ -63,19 +63,19 @@ class MemoryStats:
         return {"runtime_s": runtime, "peak_memory_gib": peak, "device": "cpu"}
 
 
-def show_example(trainer, tokenizer, conversations, index: int) -> None:
-    """Print one training row at each stage: CSV row, formatted text, tokens, and the labels that train."""
-    dataset = trainer.train_dataset
-    index = max(0, min(index, len(dataset) - 1))
-    row = dataset[index]
+def show_example(rows, tokenizer, conversations, index: int) -> None:
+    """Print one training row at each stage: CSV row, formatted text, tokens, and the labels that train.
+
+    `rows` are the encoded training rows (gemma_ft.data.encoding.EncodedRows) before any batching or packing."""
+    index = max(0, min(index, len(rows.input_ids) - 1))
+    input_ids, labels = rows.input_ids[index], rows.labels[index]
     print("=== Dataset Example ===")
-    # Rows dropped for length shift the trainer's indices; the CSV row is shown only while they line up.
-    print(conversations[index] if len(conversations) == len(dataset) else f"(training row {index})")
+    print(conversations[rows.kept[index]])
     print("=== Formatted Text ===")
-    print(tokenizer.decode(row["input_ids"]))
+    print(tokenizer.decode(input_ids))
     print("=== Tokenized Input ===")
-    print(row["input_ids"])
+    print(input_ids)
     print("=== Masked Labels (only assistant responses) ===")
     space = tokenizer.convert_tokens_to_ids("▁")
-    shown = [space if label == IGNORE_INDEX else label for label in row["labels"]]
+    shown = [space if label == IGNORE_INDEX else label for label in labels]
     print(tokenizer.decode(shown).replace("▁", " "))

@@ -34,16 +34,11 @@ def masked_loss(model, tokenizer, conversations, max_seq_length: int) -> float:
     """Mean cross-entropy over the reply tokens (labels masked exactly as in training)."""
     import torch
     from tqdm import tqdm
-    from unsloth.chat_templates import train_on_responses_only
 
-    from gemma_ft.chat_template import MODEL_TURN, USER_TURN
-    from gemma_ft.training import IGNORE_INDEX, tokenize_conversations
+    from gemma_ft.data.encoding import IGNORE_INDEX, encode_conversations
 
-    dataset = tokenize_conversations(tokenizer, conversations)
-    mask = train_on_responses_only(None, instruction_part=USER_TURN, response_part=MODEL_TURN, tokenizer=tokenizer,
-                                   return_function=True)
-    dataset = dataset.map(lambda rows: {"input_ids": [ids[:max_seq_length] for ids in rows["input_ids"]]},
-                          batched=True).map(mask, batched=True)
+    rows = encode_conversations(tokenizer, conversations, max_seq_length)
+    dataset = [{"input_ids": ids, "labels": labels} for ids, labels in zip(rows.input_ids, rows.labels)]
     total, count = 0.0, 0
     with torch.inference_mode():
         for row in tqdm(dataset, desc="Eval loss", unit="row"):

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from gemma_ft.compile_cache import import_unsloth_with_persistent_compile_cache
 from gemma_ft.config import Config, to_typed
 from gemma_ft.data.conversations import Split, load_conversations, split_conversations
+from gemma_ft.errors import DataError
 from gemma_ft.distributed import (
     check_every_rank_read_the_same_rows,
     is_main_process,
@@ -47,6 +48,8 @@ class Prepared:
     rows_dropped_too_long: dict
     resume_from: Path | None
     stop_on_signal: Any  # gemma_ft.callbacks.StopOnSignal
+    train_rows: Any  # gemma_ft.data.encoding.EncodedRows: the training rows before batching
+    batch_plan: Any  # gemma_ft.batching.BatchPlan
 
 
 class RunInterrupted(Exception):
@@ -85,12 +88,9 @@ def prepare(cfg: Any, run_dir: str | Path | None = None) -> Prepared:
     from gemma_ft.callbacks import LogEveryFinalStep, MarkCheckpointComplete, StopOnSignal
     from gemma_ft.chat_template import apply_gemma3_template
     from gemma_ft.models.loading import add_lora_adapters, load_model, load_tokenizer, resolve_model_path
-    from gemma_ft.training import (
-        build_trainer,
-        mask_to_responses,
-        pad_short_batches_for_flex_attention,
-        tokenize_conversations,
-    )
+    from gemma_ft.batching import plan_batching
+    from gemma_ft.data.encoding import encode_conversations
+    from gemma_ft.training import build_trainer, pad_short_batches_for_flex_attention
 
     model_path = resolve_model_path(cfg.model.name_or_path)
     check_writable(run_dir, needed_bytes=checkpoint_size_estimate(cfg, model_path))
@@ -98,22 +98,30 @@ def prepare(cfg: Any, run_dir: str | Path | None = None) -> Prepared:
         shutil.rmtree(checkpoint_dir(run_dir), ignore_errors=True)
     # The template is set and checked before anything renders text, so a wrong template cannot train silently.
     tokenizer = apply_gemma3_template(load_tokenizer(model_path))
+    # Labels before the model: a file whose every reply is cut off fails in seconds.
+    train_rows = encode_conversations(tokenizer, split.train, cfg.train.max_seq_length)
+    eval_rows = encode_conversations(tokenizer, split.validation, cfg.train.max_seq_length)
+    dropped = report_rows_dropped_too_long(train_rows, eval_rows, cfg.train.max_seq_length)
     model = load_model(cfg.model, model_path, cfg.train.max_seq_length)
-    model = add_lora_adapters(model, cfg.lora, cfg.train.seed)
+    # The batch shape and checkpointing follow from the model's size and the memory it leaves free.
+    batch_plan = plan_batching(cfg.train, cfg.lora.use_gradient_checkpointing, model.config.get_text_config(),
+                               free_gpu_bytes())
+    log.info(batch_plan.describe())
+    model = add_lora_adapters(model, cfg.lora, cfg.train.seed, batch_plan.gradient_checkpointing)
     if plan.resume_from is not None:
         load_adapters_on_own_gpu(model)
 
     # The data lives in memory; caching it on disk would only cost time.
     datasets.disable_caching()
-    train_dataset = tokenize_conversations(tokenizer, split.train)
-    eval_dataset = tokenize_conversations(tokenizer, split.validation)
     stop_on_signal = StopOnSignal()
     callbacks = [MarkCheckpointComplete(), LogEveryFinalStep(), stop_on_signal]
-    trainer = build_trainer(model, tokenizer, train_dataset, eval_dataset, cfg, checkpoint_dir(run_dir), callbacks)
+    trainer = build_trainer(model, tokenizer, train_rows.dataset(), eval_rows.dataset(), cfg, batch_plan,
+                            checkpoint_dir(run_dir), callbacks)
     check_every_rank_read_the_same_rows(cfg.data.path, split)  # the Trainer has started the ranks' process group
-    dropped = mask_to_responses(trainer)
-    pad_short_batches_for_flex_attention(trainer, model, tokenizer)
-    return Prepared(cfg, run_dir, split, tokenizer, model, trainer, dropped, plan.resume_from, stop_on_signal)
+    if not batch_plan.packed:  # packed batches have one fixed shape of their own
+        pad_short_batches_for_flex_attention(trainer, model, tokenizer)
+    return Prepared(cfg, run_dir, split, tokenizer, model, trainer, dropped, plan.resume_from, stop_on_signal,
+                    train_rows, batch_plan)
 
 
 def run(cfg: Any, run_dir: str | Path | None = None) -> dict:
@@ -126,7 +134,7 @@ def run(cfg: Any, run_dir: str | Path | None = None) -> dict:
 
     main = is_main_process()  # with several GPUs: rank 0 shows, generates and saves; every rank trains and evaluates
     if cfg.debug.show_examples and main:
-        show_example(trainer, tokenizer, p.split.train, cfg.debug.example_index)
+        show_example(p.train_rows, tokenizer, p.split.train, cfg.debug.example_index)
 
     em_rows = p.split.validation[: cfg.train.exact_match_rows] if main else []
     # With LoRA the untrained model's replies are generated after training, with the adapters switched off (see
@@ -163,8 +171,10 @@ def run(cfg: Any, run_dir: str | Path | None = None) -> dict:
         "exact_match_before": exact_match(replies_before, em_rows),
         "exact_match_after": exact_match(replies_after, em_rows),
         "exact_match_rows": len(em_rows),
-        "train_rows": len(trainer.train_dataset),
-        "eval_rows": len(trainer.eval_dataset),
+        "train_rows": len(p.train_rows.input_ids),
+        "eval_rows": eval_rows_count(p),
+        "batching": "packed" if p.batch_plan.packed else "padded",
+        "tokens_per_step": p.batch_plan.tokens_per_step,
         "rows_dropped_too_long": p.rows_dropped_too_long,
     }
     if main:
@@ -174,6 +184,31 @@ def run(cfg: Any, run_dir: str | Path | None = None) -> dict:
     log.info("Done: eval_loss=%.4f, exact match %.3f -> %.3f; outputs in %s", metrics["eval_loss"],
              metrics["exact_match_before"], metrics["exact_match_after"], p.run_dir)
     return metrics
+
+
+def eval_rows_count(p: Prepared) -> int:
+    return len(p.split.validation) - p.rows_dropped_too_long["eval"]
+
+
+def report_rows_dropped_too_long(train_rows, eval_rows, max_seq_length: int) -> dict[str, int]:
+    """Rows whose whole reply max_seq_length cuts off: logged and counted; a split left empty is a DataError."""
+    dropped = {"train": train_rows.dropped_too_long, "eval": eval_rows.dropped_too_long}
+    for split, count in dropped.items():
+        if count:
+            log.warning("%d %s row(s) dropped: max_seq_length=%d cuts off the whole reply "
+                        "(raise train.max_seq_length to keep them)", count, split, max_seq_length)
+    for split, rows in (("training", train_rows), ("validation", eval_rows)):
+        if not rows.input_ids:
+            raise DataError(f"every {split} row was dropped: train.max_seq_length={max_seq_length} cuts off every "
+                            "reply; raise train.max_seq_length")
+    return dropped
+
+
+def free_gpu_bytes() -> int | None:
+    """This process's GPU's free memory, or None without a CUDA GPU."""
+    import torch
+
+    return torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
 
 
 def release_accelerator_memory() -> None:

@@ -1,43 +1,46 @@
-"""The TRL SFTTrainer, masked so that only the assistant's replies carry loss."""
+"""The TRL SFTTrainer over labelled rows, in padded or fixed-shape packed batches."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-from gemma_ft.chat_template import MODEL_TURN, USER_TURN
+from gemma_ft.batching import BatchPlan
 from gemma_ft.config import Config
-from gemma_ft.errors import DataError
+from gemma_ft.data.encoding import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
-IGNORE_INDEX = -100
 
 
-def tokenize_conversations(tokenizer, conversations):
-    """Chat-template text tokenised once, with one BOS and no EOS after the template's closing "<end_of_turn>\n".
-
-    Handing the trainer token ids (not text) keeps TRL from appending <eos> to every row and from re-tokenising.
-    """
-    from datasets import Dataset
-
-    from gemma_ft.chat_template import render_text
-
-    texts = [render_text(tokenizer, c.messages()) for c in conversations]
-    return Dataset.from_dict({"input_ids": tokenizer(texts).input_ids})
-
-
-def build_trainer(model, tokenizer, train_dataset, eval_dataset, cfg: Config, checkpoint_dir: Path, callbacks=()):
+def build_trainer(model, tokenizer, train_dataset, eval_dataset, cfg: Config, plan: BatchPlan, checkpoint_dir: Path,
+                  callbacks=()):
+    """The SFTTrainer over datasets that already carry their labels (TRL keeps a `labels` column as it is)."""
     from trl import SFTConfig, SFTTrainer
 
     t, o = cfg.train, cfg.optim
+    collator = None
+    if plan.packed:
+        # Whole rows packed best-fit-decreasing into bins of tokens_per_step (rows are already cut to max_seq_length);
+        # a batch is one bin with position_ids restarting at every row and no attention_mask, from which
+        # transformers builds a mask that keeps each row to itself, in sliding-window layers too. Every bin is
+        # filled to the same length: one shape, so what compiles for the first step serves the whole epoch.
+        # (unsloth's own packing is bypassed: on a CPU it refuses packing without FlashAttention.)
+        train_dataset = pack_rows(train_dataset, plan.tokens_per_step)
+        eval_dataset = pack_rows(eval_dataset, plan.tokens_per_step)
+        collator = PackedBinCollator(plan.tokens_per_step, tokenizer.pad_token_id)
+        batching = dict(max_length=plan.tokens_per_step, packing=False, padding_free=False,
+                        per_device_train_batch_size=1, per_device_eval_batch_size=1,
+                        train_sampling_strategy="random")
+    else:
+        # unsloth would switch padding-free batches on by itself; padded batches run unsloth's compiled decoder
+        # blocks. train.sampling=group_by_length keeps the padding small.
+        batching = dict(max_length=t.max_seq_length, packing=False, padding_free=False,
+                        per_device_train_batch_size=t.per_device_train_batch_size,
+                        per_device_eval_batch_size=t.per_device_eval_batch_size,
+                        train_sampling_strategy=t.sampling)
     args = SFTConfig(
         output_dir=str(checkpoint_dir),
-        max_length=t.max_seq_length,
-        packing=False,
-        # unsloth would switch padding-free batches on; with this stack on an H100/H200 its first step did not end
-        # within 200 s, while padded batches run unsloth's compiled decoder blocks (0.2 s/step after compiling).
-        # train.sampling=group_by_length keeps the padding small instead.
-        padding_free=False,
+        **batching,
         # The Trainer asks DDP to search for unused parameters whenever the model is a PeftModel: a walk of the
         # autograd graph every step on several GPUs. Every LoRA weight is used in every forward pass, so skip it.
         ddp_find_unused_parameters=False,
@@ -46,10 +49,7 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset, cfg: Config, ch
         # rank computes from the config. transformers documents False as the default with gradient checkpointing
         # but passes nothing unless it is set (DDP's default is True).
         ddp_broadcast_buffers=False,
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        per_device_eval_batch_size=t.per_device_eval_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
-        train_sampling_strategy=t.sampling,
         max_steps=t.max_steps,
         num_train_epochs=t.num_train_epochs,
         learning_rate=o.lr,
@@ -73,34 +73,12 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset, cfg: Config, ch
     return SFTTrainer(
         model=model,
         processing_class=tokenizer,
+        data_collator=collator,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         args=args,
         callbacks=list(callbacks),
     )
-
-
-def mask_to_responses(trainer) -> dict[str, int]:
-    """Apply unsloth's train_on_responses_only; return how many rows each split lost to truncation."""
-    from unsloth.chat_templates import train_on_responses_only
-
-    before = {"train": len(trainer.train_dataset), "eval": len(trainer.eval_dataset)}
-    train_on_responses_only(trainer, instruction_part=USER_TURN, response_part=MODEL_TURN)
-    dropped = {
-        "train": before["train"] - len(trainer.train_dataset),
-        "eval": before["eval"] - len(trainer.eval_dataset),
-    }
-    for split, count in dropped.items():
-        if count:
-            log.warning("%d %s row(s) dropped: max_seq_length=%d cuts off the whole reply "
-                        "(raise train.max_seq_length to keep them)", count, split, trainer.args.max_length)
-    if len(trainer.train_dataset) == 0:
-        raise DataError(f"every training row was dropped: train.max_seq_length={trainer.args.max_length} cuts off "
-                        "every reply; raise train.max_seq_length")
-    if len(trainer.eval_dataset) == 0:
-        raise DataError(f"every validation row was dropped: train.max_seq_length={trainer.args.max_length} cuts off "
-                        "every reply; raise train.max_seq_length")
-    return dropped
 
 
 # transformers' flex attention (unsloth's choice for Gemma 3 on GPUs) works on blocks of 128 tokens, and
@@ -155,3 +133,40 @@ def pad_short_batches_for_flex_attention(trainer, model, tokenizer) -> bool:
     log.info("Flex attention: batches are padded to at least %d tokens (a batch of one %d-token block would "
              "compile it again)", FLEX_BLOCK_TOKENS + 1, FLEX_BLOCK_TOKENS)
     return True
+
+
+def pack_rows(dataset, tokens: int):
+    """TRL's best-fit-decreasing packing over the whole split at once: columns input_ids, labels, seq_lengths."""
+    from trl.data_utils import pack_dataset
+
+    return pack_dataset(dataset, tokens, strategy="bfd", map_kwargs={"batch_size": max(1, len(dataset))})
+
+
+class PackedBinCollator:
+    """One packed bin -> a batch of exactly `tokens` tokens: input_ids, labels and position_ids, no attention_mask.
+
+    position_ids restart at 0 for every row, which is how the model tells the rows apart. The bin is filled up with
+    a padding row of its own (its positions also restart at 0), so no real token attends to it, and its labels are
+    IGNORE_INDEX, so it never trains.
+    """
+
+    def __init__(self, tokens: int, pad_token_id: int):
+        self.tokens, self.pad_token_id = tokens, pad_token_id
+
+    def __call__(self, features):
+        import torch
+
+        if len(features) != 1:
+            raise ValueError(f"a packed batch is one bin, got {len(features)}")
+        bin_ = features[0]
+        input_ids, labels = list(bin_["input_ids"]), list(bin_["labels"])
+        missing = self.tokens - len(input_ids)
+        if missing < 0 or sum(bin_["seq_lengths"]) != len(input_ids):
+            raise ValueError(f"a bin of {len(input_ids)} tokens (rows {list(bin_['seq_lengths'])}) does not fit "
+                             f"{self.tokens} tokens")
+        positions = [position for length in bin_["seq_lengths"] for position in range(length)]
+        input_ids += [self.pad_token_id] * missing
+        labels += [IGNORE_INDEX] * missing
+        positions += range(missing)
+        return {"input_ids": torch.tensor([input_ids]), "labels": torch.tensor([labels]),
+                "position_ids": torch.tensor([positions])}

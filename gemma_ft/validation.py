@@ -40,6 +40,12 @@ def problems(cfg: Config, has_cuda: bool | None = None) -> list[str]:
     require(t.eval_steps >= 0, f"train.eval_steps={t.eval_steps} must be >= 0 (0: evaluate at the end only)")
     require(t.exact_match_rows >= 0, f"train.exact_match_rows={t.exact_match_rows} must be >= 0")
     require(t.sampling in ("random", "group_by_length"), f"train.sampling={t.sampling!r} must be random or group_by_length")
+    require(t.batching in ("auto", "padded", "packed"), f"train.batching={t.batching!r} must be auto, padded or packed")
+    require(t.tokens_per_step is None or t.tokens_per_step >= t.max_seq_length,
+            f"train.tokens_per_step={t.tokens_per_step} must be >= train.max_seq_length={t.max_seq_length} "
+            "(a packed step holds the longest row whole), or null to choose it from the GPU's memory")
+    require(cfg.lora.use_gradient_checkpointing in ("auto", "unsloth", True, False),
+            f"lora.use_gradient_checkpointing={cfg.lora.use_gradient_checkpointing!r} must be auto, unsloth, true or false")
     require(t.report_to in REPORT_TO, f"train.report_to={t.report_to!r} must be one of {', '.join(REPORT_TO)}")
     d = cfg.data
     require(d.val_size > 0, f"data.val_size={d.val_size} must be > 0: the run evaluates on held-out rows")

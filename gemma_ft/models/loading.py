@@ -69,8 +69,9 @@ def load_model(cfg: ModelConfig, name_or_path: str, max_seq_length: int):
     return model
 
 
-def add_lora_adapters(model, cfg: LoraConfig, seed: int):
-    """Wrap the model in LoRA adapters as `cfg` says; plain Python values only (OmegaConf nodes break saving)."""
+def add_lora_adapters(model, cfg: LoraConfig, seed: int, gradient_checkpointing):
+    """Wrap the model in LoRA adapters as `cfg` says, with the checkpointing the batch plan chose; plain Python
+    values only (OmegaConf nodes break saving)."""
     from unsloth import FastModel
 
     modules_to_save = []
@@ -85,7 +86,7 @@ def add_lora_adapters(model, cfg: LoraConfig, seed: int):
         lora_dropout=cfg.dropout,
         target_modules=list(cfg.target_modules),
         bias=cfg.bias,
-        use_gradient_checkpointing=cfg.use_gradient_checkpointing,
+        use_gradient_checkpointing=gradient_checkpointing,
         random_state=seed,
         use_rslora=cfg.use_rslora,
         modules_to_save=modules_to_save or None,

@@ -1,0 +1,180 @@
+"""Packed batches: whole rows in bins of one fixed token budget, the same loss as padded batches, no attention
+across rows (Gemma 3's sliding-window layers included), and the batch plan's rules."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from gemma_ft.batching import PACKED_TOKENS_CAP, activation_bytes_per_token, plan_batching
+from gemma_ft.data.encoding import IGNORE_INDEX, encode_conversations
+from gemma_ft.pipeline import prepare
+from gemma_ft.training import PackedBinCollator
+from tests.conftest import TINY, chess_rows, typed_config, write_csv
+
+TOKENS = 512
+
+
+def packed_overrides(path, *extra):
+    return [*TINY, f"data.path={path}", "data.val_size=4", "train.batching=packed", f"train.tokens_per_step={TOKENS}",
+            "train.max_steps=3", *extra]
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    path = write_csv(tmp_path_factory.mktemp("data") / "d.csv", chess_rows(24))
+    return prepare(typed_config(packed_overrides(path)), run_dir=tmp_path_factory.mktemp("run"))
+
+
+def test_every_packed_batch_has_the_budgets_shape_and_keeps_each_row_whole(packed):
+    trainer, rows = packed.trainer, packed.train_rows
+    seen = []
+    for loader in (trainer.get_train_dataloader(), trainer.get_eval_dataloader()):
+        for batch in loader:
+            assert batch["input_ids"].shape == (1, TOKENS) and batch["labels"].shape == (1, TOKENS)
+            assert "attention_mask" not in batch
+            positions = batch["position_ids"][0].tolist()
+            starts = [i for i, p in enumerate(positions) if p == 0] + [TOKENS]
+            for begin, end in zip(starts, starts[1:]):
+                assert positions[begin:end] == list(range(end - begin))  # each segment counts from 0
+                seen.append(batch["input_ids"][0, begin:end].tolist())
+    eval_rows = encode_conversations(packed.tokenizer, packed.split.validation, 128)
+    train_and_eval = [*rows.input_ids, *eval_rows.input_ids]
+    for ids in train_and_eval:  # every row appears whole, as one segment
+        assert ids in seen
+    # the filler segments are padding that never trains
+    fillers = [s for s in seen if s not in train_and_eval]
+    assert all(set(s) == {packed.tokenizer.pad_token_id} for s in fillers)
+
+
+def test_masked_labels_in_packed_batches_are_exactly_the_assistant_replies(packed):
+    tokenizer = packed.tokenizer
+    replies = sorted(c.assistant + "<end_of_turn>\n" for c in packed.split.train)
+    trained = []
+    for batch in packed.trainer.get_train_dataloader():
+        ids, labels, positions = (batch[k][0].tolist() for k in ("input_ids", "labels", "position_ids"))
+        starts = [i for i, p in enumerate(positions) if p == 0] + [len(ids)]
+        for begin, end in zip(starts, starts[1:]):
+            tokens = [t for t, label in zip(ids[begin:end], labels[begin:end]) if label != IGNORE_INDEX]
+            assert all(label in (IGNORE_INDEX, t) for t, label in zip(ids[begin:end], labels[begin:end]))
+            if tokens:
+                trained.append(tokenizer.decode(tokens))
+    assert sorted(trained) == replies
+
+
+def test_first_step_loss_packed_equals_padded_on_the_same_rows(packed):
+    """The loss is the mean over trained tokens in both layouts, so one bin holding every row gives the padded
+    batch's loss."""
+    trainer, rows, model = packed.trainer, packed.train_rows, packed.model
+    chosen = list(range(6))
+    assert sum(len(rows.input_ids[i]) for i in chosen) <= TOKENS
+    features = [{"input_ids": rows.input_ids[i], "labels": rows.labels[i], "seq_lengths": [len(rows.input_ids[i])]}
+                for i in chosen]
+    bin_ = {key: sum((f[key] for f in features), []) for key in ("input_ids", "labels", "seq_lengths")}
+    packed_batch = trainer.data_collator([bin_])
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    padded_batch = DataCollatorForLanguageModeling(pad_token_id=packed.tokenizer.pad_token_id)(
+        [{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features])
+    assert padded_batch["input_ids"].shape[0] == len(chosen)
+    model.eval()
+    with torch.no_grad():
+        packed_loss = model(**packed_batch).loss.item()
+        padded_loss = model(**padded_batch).loss.item()
+    assert packed_loss == pytest.approx(padded_loss, rel=1e-3)
+
+
+def test_no_row_attends_to_another_in_a_packed_batch(packed):
+    """Perturbing one row of a bin leaves every other row's logits unchanged, in full and sliding-window layers."""
+    model, rows = packed.model, packed.train_rows
+    text_config = model.config.get_text_config()
+    assert {"sliding_attention", "full_attention"} <= set(text_config.layer_types)
+    chosen = list(range(4))
+    features = [{"input_ids": rows.input_ids[i], "labels": rows.labels[i], "seq_lengths": [len(rows.input_ids[i])]}
+                for i in chosen]
+
+    def logits(features):
+        bin_ = {key: sum((f[key] for f in features), []) for key in ("input_ids", "labels", "seq_lengths")}
+        batch = packed.trainer.data_collator([bin_])
+        with torch.no_grad():
+            return model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0].float()
+
+    before = logits(features)
+    perturbed = [dict(f) for f in features]
+    ids = list(perturbed[1]["input_ids"])
+    ids[5:9] = [1000, 2000, 3000, 4000]  # change tokens inside the second row
+    perturbed[1]["input_ids"] = ids
+    after = logits(perturbed)
+    lengths = [len(f["input_ids"]) for f in features]
+    first_end, second_end = lengths[0], lengths[0] + lengths[1]
+    assert torch.equal(before[:first_end], after[:first_end])  # earlier row: causal anyway
+    assert torch.allclose(before[second_end:], after[second_end:], atol=1e-5)  # later rows: would see it if leaking
+    assert not torch.allclose(before[first_end:second_end], after[first_end:second_end])  # the row itself changed
+
+
+def test_the_filler_is_a_row_of_its_own_that_never_trains():
+    bin_ = {"input_ids": [5, 6, 7, 8, 9], "labels": [-100, 6, 7, -100, 9], "seq_lengths": [3, 2]}
+    batch = PackedBinCollator(8, pad_token_id=0)([bin_])
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 0, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9] + [IGNORE_INDEX] * 3]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
+    assert set(batch) == {"input_ids", "labels", "position_ids"}
+    with pytest.raises(ValueError, match="does not fit 4 tokens"):
+        PackedBinCollator(4, pad_token_id=0)([bin_])
+
+
+GEMMA3_1B = SimpleNamespace(hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
+                            num_key_value_heads=1, head_dim=256, vocab_size=262144)
+GIB = 2**30
+
+
+def train_cfg(**overrides):
+    base = dict(batching="auto", tokens_per_step=None, per_device_train_batch_size=8, max_seq_length=512)
+    return SimpleNamespace(**{**base, **overrides})
+
+
+def test_auto_packs_on_a_gpu_and_pads_on_a_cpu():
+    assert not plan_batching(train_cfg(), "auto", GEMMA3_1B, free_gpu_bytes=None).packed
+    assert plan_batching(train_cfg(), "auto", GEMMA3_1B, free_gpu_bytes=130 * GIB).packed
+    cpu_packed = plan_batching(train_cfg(batching="packed"), "auto", GEMMA3_1B, None)
+    assert cpu_packed.packed and cpu_packed.tokens_per_step == 8 * 512
+    assert cpu_packed.gradient_checkpointing == "unsloth"  # unsloth's CPU default, kept
+    assert not plan_batching(train_cfg(batching="padded"), "auto", GEMMA3_1B, 130 * GIB).packed
+
+
+def test_the_token_budget_and_checkpointing_follow_the_free_memory():
+    roomy = plan_batching(train_cfg(), "auto", GEMMA3_1B, free_gpu_bytes=130 * GIB)
+    assert roomy.tokens_per_step == PACKED_TOKENS_CAP and roomy.gradient_checkpointing is False
+    # a GPU with little room left: fewer tokens, checkpointing offloaded
+    tight = plan_batching(train_cfg(), "auto", GEMMA3_1B, free_gpu_bytes=6 * GIB)
+    assert tight.tokens_per_step < PACKED_TOKENS_CAP and tight.gradient_checkpointing == "unsloth"
+    assert tight.tokens_per_step >= 512 and tight.tokens_per_step & (tight.tokens_per_step - 1) == 0
+    assert tight.tokens_per_step * activation_bytes_per_token(GEMMA3_1B, True) <= 0.6 * 6 * GIB
+    # the user's explicit choices win
+    fixed = plan_batching(train_cfg(tokens_per_step=4096), "unsloth", GEMMA3_1B, free_gpu_bytes=130 * GIB)
+    assert fixed.tokens_per_step == 4096 and fixed.gradient_checkpointing == "unsloth"
+    # a bin always holds the longest row
+    long_rows = plan_batching(train_cfg(max_seq_length=32768), "auto", GEMMA3_1B, free_gpu_bytes=130 * GIB)
+    assert long_rows.tokens_per_step == 32768
+
+
+def test_a_token_budget_below_max_seq_length_is_refused_before_loading(tmp_path):
+    from gemma_ft.errors import ConfigError
+    from gemma_ft.validation import validate
+
+    cfg = typed_config([*TINY, "train.tokens_per_step=64", "train.batching=sideways"])
+    with pytest.raises(ConfigError) as error:
+        validate(cfg, has_cuda=False)
+    assert "train.tokens_per_step=64 must be >= train.max_seq_length=128" in str(error.value)
+    assert "train.batching='sideways' must be auto, padded or packed" in str(error.value)
+
+
+def test_a_packed_run_trains_and_evaluates_through_the_pipeline(tmp_path):
+    from gemma_ft.pipeline import run
+
+    path = write_csv(tmp_path / "d.csv", chess_rows(20))
+    metrics = run(typed_config(packed_overrides(path, "train.eval_steps=2")), run_dir=tmp_path / "run")
+    assert metrics["batching"] == "packed" and metrics["tokens_per_step"] == TOKENS
+    assert metrics["global_step"] == 3 and metrics["eval_loss"] > 0
