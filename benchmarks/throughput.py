@@ -95,8 +95,8 @@ def synchronize() -> None:
 
 
 def trained_steps(args) -> int:
-    """The timed steps (with their warm-up) and the profiled ones after them."""
-    return args.steps + args.profile_steps
+    """The timed steps (with their warm-up) and the profiled ones after them; -1: one whole epoch."""
+    return -1 if args.epoch else args.steps + args.profile_steps
 
 
 def case_settings(args) -> tuple:
@@ -199,9 +199,12 @@ class Meter:
         step = trainer.training_step
         meter = self
 
+        pad = trainer.processing_class.pad_token_id
+
         def counted(model, inputs, *args, **kwargs):
+            # Real tokens only: a padded batch's attention mask, or a packed bin's tokens that are not its filler.
             mask = inputs.get("attention_mask")
-            count = mask.sum() if mask is not None else inputs["input_ids"].numel()
+            count = mask.sum() if mask is not None else (inputs["input_ids"] != pad).sum()
             meter._pending += int(count) if meter.timing == "step" else count  # int() waits for the GPU
             meter._padded_length = inputs["input_ids"].shape[-1]
             meter._token_id_sum = inputs["input_ids"].sum()  # stays on the GPU: no wait
@@ -210,6 +213,10 @@ class Meter:
         trainer.training_step = counted
 
         class Timer(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kw):
+                if meter.timed.stop is None:  # a whole epoch: the window ends with its last step
+                    meter.timed = slice(meter.timed.start, state.max_steps)
+
             def on_step_begin(self, args, state, control, **kw):
                 done = len(meter.times)
                 if meter.profile_steps and done == meter.profile_after:
@@ -313,7 +320,7 @@ def sft_config(args, out: Path, **extra):
     batch, accumulation, optim, sampling = case_settings(args)
     return SFTConfig(output_dir=str(out), per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
                      train_sampling_strategy=sampling,
-                     max_steps=trained_steps(args), learning_rate=2e-4, weight_decay=0.001, warmup_steps=5,
+                     max_steps=trained_steps(args), num_train_epochs=1, learning_rate=2e-4, weight_decay=0.001, warmup_steps=5,
                      lr_scheduler_type="linear", optim=optim, logging_steps=args.logging_steps, save_strategy="no",
                      report_to=[], seed=3407, data_seed=3407, max_length=args.max_len, bf16=True,
                      dataset_num_proc=1, **extra)
@@ -334,6 +341,7 @@ def gemma_ft_config(args, data: Path, model_dir: Path):
     settings = {"train.per_device_train_batch_size": batch, "train.gradient_accumulation_steps": accumulation,
                 "optim.name": optim, "train.sampling": sampling}
     overrides += [f"{key}={value}" for key, value in settings.items() if value is not None]  # None: the default
+    overrides += args.set
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return to_typed(compose("config", overrides=overrides))
@@ -351,7 +359,32 @@ def case_gemma_ft(args, data: Path, model_dir: Path):
     from gemma_ft.pipeline import prepare
 
     cfg = gemma_ft_config(args, data, model_dir)
-    return prepare(cfg, run_dir=Path(args.workdir) / f"run_{args.case}_{args.arch}").trainer
+    return prepare(cfg, run_dir=Path(args.workdir) / f"run_{args.case}_{args.arch}_{os.getpid()}")
+
+
+def rows_attend_only_to_themselves(prepared) -> float:
+    """Packed path on this machine's model and kernels: change tokens in the second of four rows packed in one bin,
+    return the largest change of any later row's logits (0.0 when no row sees another)."""
+    import torch
+
+    rows, model = prepared.train_rows, prepared.model
+    features = [{"input_ids": list(rows.input_ids[i]), "labels": rows.labels[i],
+                 "seq_lengths": [len(rows.input_ids[i])]} for i in range(4)]
+
+    def logits(features):
+        bin_ = {key: sum((f[key] for f in features), []) for key in ("input_ids", "labels", "seq_lengths")}
+        batch = prepared.trainer.data_collator([bin_])
+        batch = {k: v.to(model.device) for k, v in batch.items() if k != "labels"}
+        with torch.no_grad():
+            return model(**batch).logits[0].float()
+
+    before = logits(features)
+    features[1]["input_ids"][5:9] = [1000, 2000, 3000, 4000]
+    after = logits(features)
+    second_end = sum(len(rows.input_ids[i]) for i in range(2))
+    own = (before[:second_end] - after[:second_end]).abs().max().item()
+    print(f"[bench] isolation: own row changed by {own:.3g}", flush=True)
+    return (before[second_end:] - after[second_end:]).abs().max().item()
 
 
 def case_unsloth(args, data: Path, model_dir: Path):
@@ -460,6 +493,12 @@ def main() -> None:
                              "only around the timed steps, as a run without a benchmark (tokens/s of several GPUs)")
     parser.add_argument("--logging-steps", type=int, default=1,
                         help="log the loss every N steps (1: the whole loss curve; gemma_ft's default is 5)")
+    parser.add_argument("--epoch", action="store_true", help="train one whole epoch and time every step after "
+                        "--warmup (instead of --steps)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a gemma_ft config override for the gemma_ft cases, e.g. train.batching=padded")
+    parser.add_argument("--check-isolation", action="store_true",
+                        help="packed gemma_ft cases: check on this machine that no packed row attends to another")
     parser.add_argument("--model-dir", default=None, help="this model folder instead of a random --arch one")
     parser.add_argument("--workdir", default="/tmp/bench")
     parser.add_argument("--tokenizer", required=True)
@@ -502,8 +541,10 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    prepared = None
     if args.case.startswith("gemma_ft"):
-        trainer = case_gemma_ft(args, data, model_dir)
+        prepared = case_gemma_ft(args, data, model_dir)
+        trainer = prepared.trainer
     elif args.case.startswith("unsloth"):
         trainer = case_unsloth(args, data, model_dir)
     else:
@@ -524,11 +565,20 @@ def main() -> None:
     if args.profile_steps:
         profile_out = Path(args.profile_out or "profile.txt")
         profile_out = profile_out.with_name(f"{profile_out.stem}_rank{os.environ.get('RANK', '0')}{profile_out.suffix}")
-    timed = slice(args.warmup, args.steps)
+    isolation = None
+    if prepared is not None and prepared.batch_plan.packed and args.check_isolation:
+        isolation = rows_attend_only_to_themselves(prepared)
+    timed = slice(args.warmup, None if args.epoch else args.steps)
     meter = Meter(timed, args.timing, args.profile_steps, profile_out)
     meter.wrap(trainer)
     trainer.train()
     meter.write_profile()
+    eval_loss = None
+    if prepared is not None:  # batching-independent: row by row over the held-out rows
+        from gemma_ft.evaluate import masked_loss
+
+        eval_loss = masked_loss(prepared.model, prepared.tokenizer, prepared.split.validation, args.max_len)
+    timed = meter.timed
 
     if len(meter.times) <= args.warmup:
         raise SystemExit(f"only {len(meter.times)} steps ran; need more than --warmup {args.warmup}")
@@ -548,8 +598,8 @@ def main() -> None:
         return
     model = trainer.model
     n_params = sum(p.numel() for p in model.parameters())
-    batch = trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps * gpus
-    mean_len = tokens / max(1, len(step_tokens[timed])) / batch
+    row_lengths = prepared.train_rows.input_ids if prepared is not None else trainer.train_dataset["input_ids"]
+    mean_len = sum(map(len, row_lengths)) / len(row_lengths)  # the attention's context is a row, packed or not
     peak = matmul_peak_tflops() if cuda else float("nan")
     tokens_per_s = tokens / seconds
     result = {
@@ -563,7 +613,12 @@ def main() -> None:
         "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
         "time_to_first_step_s": meter.first_step_end, "params": n_params, "mean_tokens_per_row": mean_len,
         "bf16_peak_tflops": peak, "mfu": tokens_per_s * flops_per_token(args.arch, n_params, mean_len) / (peak * 1e12),
-        "losses": meter.losses[:20], "compile_cache": str(compile_cache), "compile_cache_was_warm": compile_cache_was_warm,
+        "losses": meter.losses[:20], "eval_loss": eval_loss, "trained_steps": len(meter.times),
+        "epoch": args.epoch, "overrides": args.set, "cross_row_logit_change": isolation,
+        "batching": ("packed" if prepared.batch_plan.packed else "padded") if prepared is not None else "padded",
+        "tokens_per_step": prepared.batch_plan.tokens_per_step if prepared is not None else None,
+        "gradient_checkpointing": str(prepared.batch_plan.gradient_checkpointing) if prepared is not None else "unsloth",
+        "distinct_step_shapes": len(set(meter.padded_lengths)), "compile_cache": str(compile_cache), "compile_cache_was_warm": compile_cache_was_warm,
         "compile_disabled": os.environ.get("UNSLOTH_COMPILE_DISABLE", "0") == "1",
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "ddp": ddp_settings(trainer.accelerator.ddp_handler) if gpus > 1 else None,

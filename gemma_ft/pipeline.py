@@ -63,6 +63,9 @@ class RunInterrupted(Exception):
 def prepare(cfg: Any, run_dir: str | Path | None = None) -> Prepared:
     """Stages up to a ready trainer: data check -> tokenizer -> chat template -> model -> LoRA -> dataset ->
     SFTTrainer -> response-only masking."""
+    from gemma_ft.callbacks import StartupPhases
+
+    startup = StartupPhases()
     cfg: Config = to_typed(cfg)
     # Cheap checks first: a bad value or a bad CSV must cost seconds, not a model load.
     validate(cfg)
@@ -76,6 +79,7 @@ def prepare(cfg: Any, run_dir: str | Path | None = None) -> Prepared:
         # The typed config this run trains with: what generate/evaluate/export read back.
         OmegaConf.save(OmegaConf.structured(cfg), run_dir / RUN_CONFIG)
 
+    startup.mark("config and data checks")
     use_local_gpu()
     import_unsloth_with_persistent_compile_cache()
     if keep_unsloth_checkpointing_under_ddp():
@@ -92,6 +96,7 @@ def prepare(cfg: Any, run_dir: str | Path | None = None) -> Prepared:
     from gemma_ft.data.encoding import encode_conversations
     from gemma_ft.training import build_trainer, pad_short_batches_for_flex_attention
 
+    startup.mark("imports")
     model_path = resolve_model_path(cfg.model.name_or_path)
     check_writable(run_dir, needed_bytes=checkpoint_size_estimate(cfg, model_path))
     if cfg.run.overwrite and plan.resume_from is None and is_main_process():
@@ -102,7 +107,9 @@ def prepare(cfg: Any, run_dir: str | Path | None = None) -> Prepared:
     train_rows = encode_conversations(tokenizer, split.train, cfg.train.max_seq_length)
     eval_rows = encode_conversations(tokenizer, split.validation, cfg.train.max_seq_length)
     dropped = report_rows_dropped_too_long(train_rows, eval_rows, cfg.train.max_seq_length)
+    startup.mark("tokenizer and labels")
     model = load_model(cfg.model, model_path, cfg.train.max_seq_length)
+    startup.mark("model load")
     # The batch shape and checkpointing follow from the model's size and the memory it leaves free.
     batch_plan = plan_batching(cfg.train, cfg.lora.use_gradient_checkpointing, model.config.get_text_config(),
                                free_gpu_bytes())
@@ -110,11 +117,12 @@ def prepare(cfg: Any, run_dir: str | Path | None = None) -> Prepared:
     model = add_lora_adapters(model, cfg.lora, cfg.train.seed, batch_plan.gradient_checkpointing)
     if plan.resume_from is not None:
         load_adapters_on_own_gpu(model)
+    startup.mark("LoRA patching")
 
     # The data lives in memory; caching it on disk would only cost time.
     datasets.disable_caching()
     stop_on_signal = StopOnSignal()
-    callbacks = [MarkCheckpointComplete(), LogEveryFinalStep(), stop_on_signal]
+    callbacks = [MarkCheckpointComplete(), LogEveryFinalStep(), stop_on_signal, startup]
     trainer = build_trainer(model, tokenizer, train_rows.dataset(), eval_rows.dataset(), cfg, batch_plan,
                             checkpoint_dir(run_dir), callbacks)
     check_every_rank_read_the_same_rows(cfg.data.path, split)  # the Trainer has started the ranks' process group

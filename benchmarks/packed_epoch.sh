@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One whole epoch of the benchmark's rows per case, one process per case, back to back on one GPU: gemma_ft's
+# shipped defaults (packed fixed-shape batches), a plain unsloth script (batch 8, random order, padded) and
+# gemma_ft's padded path at that script's settings. Results: $OUT/results.jsonl and one log per case (run with
+# TORCH_LOGS=recompiles, so a recompile later in the epoch shows in it).
+#   bash benchmarks/packed_epoch.sh 1b "packed unsloth padded"
+# CASE_TIMEOUT (s per case) and DEADLINE (s for the whole script) are read from the environment.
+set -o pipefail
+source benchmarks/gpu_setup.sh
+arch=${1:-270m}
+prepare_bench $arch
+run=0
+for case in ${2:-packed unsloth padded}; do
+  run=$((run + 1))
+  case $case in
+    packed) args=(--case gemma_ft_defaults --check-isolation) ;;
+    padded) args=(--case gemma_ft --set train.batching=padded) ;;
+    unsloth) args=(--case unsloth) ;;
+    *) echo "unknown case $case (packed, padded or unsloth)" >&2; exit 2 ;;
+  esac
+  limit=$(time_left ${CASE_TIMEOUT:-600})
+  [ $limit -gt 30 ] || { echo "$case skipped: no time left"; continue; }
+  log=$OUT/epoch_${arch}_${run}_$case.log
+  TORCH_LOGS=recompiles timeout $limit python3 benchmarks/throughput.py "${args[@]}" --arch $arch --epoch \
+      --warmup ${WARMUP:-5} --max-len 2048 --timing window --logging-steps 5 \
+      --tokenizer $GEMMA_FT_CACHE/gemma3-tokenizer --out $OUT/results.jsonl > $log 2>&1
+  echo "$case rc=$? $(grep -c '\[bench\] step' $log) steps, $(grep -c 'Recompiling' $log) recompiles; $(grep -o '"tokens_per_s": [0-9.]*' $log)"
+done
