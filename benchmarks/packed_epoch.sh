@@ -4,6 +4,7 @@
 # gemma_ft's padded path at that script's settings. Results: $OUT/results.jsonl and one log per case (run with
 # TORCH_LOGS=recompiles, so a recompile later in the epoch shows in it).
 #   bash benchmarks/packed_epoch.sh 1b "packed unsloth padded"
+# CHECK_ISOLATION=1 also checks, after the epoch, that no packed row attends to another on this GPU.
 # CASE_TIMEOUT (s per case) and DEADLINE (s for the whole script) are read from the environment.
 set -o pipefail
 source benchmarks/gpu_setup.sh
@@ -13,7 +14,7 @@ run=0
 for case in ${2:-packed unsloth padded}; do
   run=$((run + 1))
   case $case in
-    packed) args=(--case gemma_ft_defaults --check-isolation) ;;
+    packed) args=(--case gemma_ft_defaults ${CHECK_ISOLATION:+--check-isolation}) ;;
     padded) args=(--case gemma_ft --set train.batching=padded) ;;
     unsloth) args=(--case unsloth) ;;
     *) echo "unknown case $case (packed, padded or unsloth)" >&2; exit 2 ;;

@@ -514,6 +514,9 @@ def main() -> None:
                              "find_unused_parameters=true (the Trainer's default for PEFT), static_graph=true, "
                              "gradient_as_bucket_view=true; repeatable")
     args = parser.parse_args()
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="[%(name)s|%(levelname)s] %(message)s")  # gemma_ft's stage lines
     if args.prepare_only:
         prepare_inputs(args)
         return
@@ -565,9 +568,6 @@ def main() -> None:
     if args.profile_steps:
         profile_out = Path(args.profile_out or "profile.txt")
         profile_out = profile_out.with_name(f"{profile_out.stem}_rank{os.environ.get('RANK', '0')}{profile_out.suffix}")
-    isolation = None
-    if prepared is not None and prepared.batch_plan.packed and args.check_isolation:
-        isolation = rows_attend_only_to_themselves(prepared)
     timed = slice(args.warmup, None if args.epoch else args.steps)
     meter = Meter(timed, args.timing, args.profile_steps, profile_out)
     meter.wrap(trainer)
@@ -579,6 +579,10 @@ def main() -> None:
 
         eval_loss = masked_loss(prepared.model, prepared.tokenizer, prepared.split.validation, args.max_len)
     timed = meter.timed
+    isolation = None  # after the timed epoch: its forward passes without gradients compile once more
+    if prepared is not None and prepared.batch_plan.packed and args.check_isolation:
+        isolation = rows_attend_only_to_themselves(prepared)
+        print(f"[bench] isolation: later rows' logits changed by at most {isolation:.3g}", flush=True)
 
     if len(meter.times) <= args.warmup:
         raise SystemExit(f"only {len(meter.times)} steps ran; need more than --warmup {args.warmup}")
