@@ -57,7 +57,7 @@ def test_batch_order_and_batch_override_a_cases_settings_and_unset_ones_keep_gem
 
     throughput = load_script("throughput")
     args = SimpleNamespace(case="gemma_ft", batch=None, sampling="group_by_length", steps=3, profile_steps=0,
-                           max_len=256, logging_steps=5)
+                           max_len=256, logging_steps=5, epoch=False, set=[])
     assert throughput.case_settings(args) == (8, 1, "adamw_torch", "group_by_length")
 
     def config(**changes):
@@ -81,11 +81,15 @@ def test_window_timing_synchronises_only_at_the_timed_windows_ends_and_step_timi
 
 
 def wrapped_in(meter):
-    """A stand-in Trainer with what Meter.wrap touches (training_step and the callbacks), and the Meter's timer."""
+    """A stand-in Trainer with what Meter.wrap touches (training_step, the callbacks, the pad token), and the
+    Meter's timer."""
+    from types import SimpleNamespace
+
     import torch
 
     class Trainer:
         callbacks = []
+        processing_class = SimpleNamespace(pad_token_id=0)
 
         def training_step(self, model, inputs):
             return torch.tensor(0.0)
@@ -110,6 +114,18 @@ def test_meter_records_each_steps_padded_length_and_token_id_sum():
     assert meter.padded_lengths == [3, 2]
     assert meter.token_id_sums_counted() == [35, 10]
     assert meter.tokens_counted() == [6, 4]
+
+
+def test_meter_counts_only_a_packed_bins_real_tokens():
+    """A packed bin has no attention mask: its filler (pad id 0) is not a trained token."""
+    import torch
+
+    meter = load_script("throughput").Meter(slice(0, 1), timing="window")
+    trainer, timer = wrapped_in(meter)
+    timer.on_step_begin(None, None, None)
+    trainer.training_step(None, {"input_ids": torch.tensor([[2, 5, 6, 2, 7, 0, 0, 0]])})
+    timer.on_step_end(None, None, None)
+    assert meter.tokens_counted() == [5] and meter.padded_lengths == [8]
 
 
 def test_meter_records_the_pinned_host_blocks_each_step_allocated_and_their_time():
