@@ -1,6 +1,6 @@
 """How each step's tokens reach the GPU: padded rows, or whole rows packed into bins of a fixed token budget.
 
-The rules (documented in docs/performance.md, with the measurements behind them):
+The rules (README "Performance"; measurements in benchmarks/results/2026-12-04-h200-1b-packed-epoch/):
 
 * `train.batching=auto` packs on a CUDA GPU and pads on a CPU. On a GPU a padded step of 8 rows of ~430 tokens is
   bound by the host's per-step work (~0.16-0.19 s whatever it carries), so larger steps of real tokens fill it.

@@ -64,25 +64,39 @@ def test_masked_labels_in_packed_batches_are_exactly_the_assistant_replies(packe
     assert sorted(trained) == replies
 
 
-def test_first_step_loss_packed_equals_padded_on_the_same_rows(packed):
-    """The loss is the mean over trained tokens in both layouts, so one bin holding every row gives the padded
-    batch's loss."""
-    trainer, rows, model = packed.trainer, packed.train_rows, packed.model
-    chosen = list(range(6))
-    assert sum(len(rows.input_ids[i]) for i in chosen) <= TOKENS
+def packed_and_padded_losses(prepared, rows_in_bin: int) -> tuple[float, float]:
+    """The model's loss on the first `rows_in_bin` training rows, packed into one bin and as one padded batch."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    rows, model = prepared.train_rows, prepared.model
+    chosen = range(rows_in_bin)
+    assert sum(len(rows.input_ids[i]) for i in chosen) <= prepared.batch_plan.tokens_per_step
     features = [{"input_ids": rows.input_ids[i], "labels": rows.labels[i], "seq_lengths": [len(rows.input_ids[i])]}
                 for i in chosen]
     bin_ = {key: sum((f[key] for f in features), []) for key in ("input_ids", "labels", "seq_lengths")}
-    packed_batch = trainer.data_collator([bin_])
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-    padded_batch = DataCollatorForLanguageModeling(pad_token_id=packed.tokenizer.pad_token_id)(
+    packed_batch = prepared.trainer.data_collator([bin_])
+    padded_batch = DataCollatorForLanguageModeling(pad_token_id=prepared.tokenizer.pad_token_id)(
         [{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features])
-    assert padded_batch["input_ids"].shape[0] == len(chosen)
+    assert padded_batch["input_ids"].shape[0] == rows_in_bin and packed_batch["input_ids"].shape[0] == 1
     model.eval()
     with torch.no_grad():
-        packed_loss = model(**packed_batch).loss.item()
-        padded_loss = model(**padded_batch).loss.item()
+        return model(**packed_batch).loss.item(), model(**padded_batch).loss.item()
+
+
+def test_first_step_loss_packed_equals_padded_on_the_same_rows(packed):
+    """The loss is the mean over trained tokens in both layouts, so one bin holding every row gives the padded
+    batch's loss."""
+    packed_loss, padded_loss = packed_and_padded_losses(packed, 6)
+    assert packed_loss == pytest.approx(padded_loss, rel=1e-3)
+
+
+def test_on_the_embedded_270m_packed_and_padded_losses_agree(tmp_path):
+    path = write_csv(tmp_path / "d.csv", chess_rows(24))
+    prepared = prepare(typed_config([f"data.path={path}", "data.val_size=4", "train.batching=packed",
+                                     f"train.tokens_per_step={TOKENS}", "train.max_seq_length=128",
+                                     "train.report_to=none"]), run_dir=tmp_path / "run")
+    assert prepared.model.config.get_text_config().hidden_size == 640  # the real 270M, not the tiny model
+    packed_loss, padded_loss = packed_and_padded_losses(prepared, 6)
     assert packed_loss == pytest.approx(padded_loss, rel=1e-3)
 
 
