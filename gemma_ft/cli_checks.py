@@ -82,8 +82,11 @@ def _check_values(overrides: list[str]) -> None:
             raise ConfigError(f"{where + ': ' if where else ''}{lines[0] if lines else cause}") from None
     typed = to_typed(cfg)
     validate(typed)
-    if typed.run.name or typed.run.dir:
-        # Before Hydra writes its files into the run dir: a finished run must not be touched at all.
-        from gemma_ft.run_dir import plan_run
+    from gemma_ft.run_dir import check_run_dir_location, plan_run
 
-        plan_run(typed.run, Path(typed.run.dir or f"outputs/{typed.run.name}").resolve())
+    # Before Hydra writes its files into the run dir: it must be a writable folder on a disk, and a finished run
+    # must not be touched at all.
+    run_dir = Path(typed.run.dir or f"outputs/{typed.run.name or ''}").resolve()
+    check_run_dir_location(run_dir)
+    if typed.run.name or typed.run.dir:
+        plan_run(typed.run, run_dir)

@@ -7,6 +7,7 @@ finished saving), so a checkpoint cut short by a crash is never resumed from.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import uuid
@@ -80,8 +81,49 @@ def plan_run(cfg: RunConfig, run_dir: Path) -> RunPlan:
     return RunPlan(run_dir, path)
 
 
+# Filesystems the kernel makes up (/proc, /sys, /dev, ...): writing a run there fails or writes into the kernel.
+VIRTUAL_FILESYSTEMS = {"proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs",
+                       "configfs", "pstore", "bpf", "mqueue", "fusectl", "efivarfs", "binfmt_misc", "autofs"}
+
+
+def filesystem_type(path: Path) -> str | None:
+    """The type of the filesystem holding `path` (from /proc/mounts), or None where the system does not say."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    best, kind = "", None
+    target = str(path.resolve())
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        mount_point = fields[1].replace("\\040", " ")
+        inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
+        if inside and len(mount_point) >= len(best):
+            best, kind = mount_point, fields[2]
+    return kind
+
+
+def check_run_dir_location(run_dir: Path) -> None:
+    """Refuse, before anything is written, a run dir below a file, on a virtual filesystem or in a folder that
+    cannot be written."""
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"run directory {run_dir}: {existing} is not a folder; set run.dir to a folder")
+    kind = filesystem_type(existing)
+    if kind in VIRTUAL_FILESYSTEMS:
+        raise ConfigError(f"run directory {run_dir} is on {kind}, a virtual filesystem of the kernel; set run.dir to "
+                          "a folder on a disk")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"run directory {run_dir}: {existing} is not writable; set run.dir to a writable folder")
+
+
 def check_writable(run_dir: Path, needed_bytes: int) -> None:
     """Fail now, not after the first hour, if checkpoints cannot be written there."""
+    check_run_dir_location(run_dir)
     probe = run_dir / f".write-test-{uuid.uuid4().hex}"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)

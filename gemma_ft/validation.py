@@ -2,10 +2,64 @@
 
 from __future__ import annotations
 
+import codecs
+import dataclasses
+import math
+
 from gemma_ft.config import Config
 from gemma_ft.errors import ConfigError
 
 REPORT_TO = ("tensorboard", "wandb", "mlflow", "none")
+# Seeds reach numpy, whose seeds are unsigned 32-bit integers.
+SEED_RANGE = (0, 2**32 - 1)
+# The dtypes a model can be trained in (names of torch dtypes).
+TRAINING_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def optimizer_names() -> list[str]:
+    """The optimizers the Trainer knows: transformers' OptimizerNames."""
+    return _transformers_enum_values("training_args.py", "OptimizerNames")
+
+
+def scheduler_names() -> list[str]:
+    """The learning-rate schedules the Trainer knows: transformers' SchedulerType."""
+    return _transformers_enum_values("trainer_utils.py", "SchedulerType")
+
+
+def _transformers_enum_values(module_file: str, enum: str) -> list[str]:
+    """The string values of an enum class in transformers, read from its source: importing transformers takes
+    seconds and prints torch's and bitsandbytes' warnings, which would bury the one-line error."""
+    import ast
+    from importlib.util import find_spec
+    from pathlib import Path
+
+    source = Path(find_spec("transformers").origin).with_name(module_file).read_text(encoding="utf-8")
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.ClassDef) and node.name == enum:
+            return [statement.value.value for statement in node.body
+                    if isinstance(statement, ast.Assign) and isinstance(statement.value, ast.Constant)
+                    and isinstance(statement.value.value, str)]
+    raise LookupError(f"transformers' {module_file} has no enum {enum}")
+
+
+def non_finite_floats(node, prefix: str = "") -> list[str]:
+    """Every float in the config that is inf or nan, as "key=value"."""
+    found = []
+    for field in dataclasses.fields(node):
+        value, key = getattr(node, field.name), prefix + field.name
+        if dataclasses.is_dataclass(value):
+            found += non_finite_floats(value, key + ".")
+        elif isinstance(value, float) and not math.isfinite(value):
+            found.append(f"{key}={value}")
+    return found
+
+
+def _is_codec(name: str) -> bool:
+    try:
+        codecs.lookup(name)
+    except LookupError:
+        return False
+    return True
 
 
 def problems(cfg: Config, has_cuda: bool | None = None) -> list[str]:
@@ -18,7 +72,20 @@ def problems(cfg: Config, has_cuda: bool | None = None) -> list[str]:
         if not ok:
             found.append(message)
 
+    for item in non_finite_floats(cfg):
+        found.append(f"{item} must be a finite number")
     require(cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr} must be > 0 (e.g. 2e-4)")
+    optimizers = optimizer_names()
+    require(cfg.optim.name in optimizers,
+            f"optim.name={cfg.optim.name!r} is not an optimizer transformers knows; choose one of {', '.join(optimizers)}")
+    schedulers = scheduler_names()
+    require(cfg.optim.lr_scheduler_type in schedulers,
+            f"optim.lr_scheduler_type={cfg.optim.lr_scheduler_type!r} is not a scheduler transformers knows; choose one "
+            f"of {', '.join(schedulers)}")
+    require(not cfg.optim.max_grad_norm < 0,
+            f"optim.max_grad_norm={cfg.optim.max_grad_norm} must be >= 0 (0: no clipping)")
+    require(cfg.model.dtype is None or cfg.model.dtype in TRAINING_DTYPES,
+            f"model.dtype={cfg.model.dtype!r} must be null (unsloth chooses) or one of {', '.join(TRAINING_DTYPES)}")
     require(cfg.optim.weight_decay >= 0, f"optim.weight_decay={cfg.optim.weight_decay} must be >= 0 (e.g. 0.001)")
     require(cfg.optim.warmup_steps >= 0, f"optim.warmup_steps={cfg.optim.warmup_steps} must be >= 0")
     require(cfg.lora.r > 0, f"lora.r={cfg.lora.r} must be > 0 (e.g. 16)")
@@ -28,6 +95,10 @@ def problems(cfg: Config, has_cuda: bool | None = None) -> list[str]:
             "lora.target_modules is empty; list the projections to adapt (e.g. [q_proj, v_proj])")
     require(cfg.lora.bias in ("none", "all", "lora_only"), f"lora.bias={cfg.lora.bias!r} must be none, all or lora_only")
     t = cfg.train
+    for key, seed in (("train.seed", t.seed), ("data.split_seed", cfg.data.split_seed)):
+        require(SEED_RANGE[0] <= seed <= SEED_RANGE[1], f"{key}={seed} must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
+    require(not t.num_train_epochs <= 0, f"train.num_train_epochs={t.num_train_epochs} must be > 0")
+    require(t.max_new_tokens > 0, f"train.max_new_tokens={t.max_new_tokens} must be > 0")
     require(t.max_steps == -1 or t.max_steps > 0,
             f"train.max_steps={t.max_steps} must be > 0, or -1 to train for train.num_train_epochs")
     require(t.per_device_train_batch_size > 0, f"train.per_device_train_batch_size={t.per_device_train_batch_size} must be > 0")
@@ -55,6 +126,8 @@ def problems(cfg: Config, has_cuda: bool | None = None) -> list[str]:
     require(d.control_tokens in ("error", "escape", "strip"),
             f"data.control_tokens={d.control_tokens!r} must be error, escape or strip")
     require(d.delimiter is None or len(d.delimiter) == 1, f"data.delimiter={d.delimiter!r} must be one character")
+    require(_is_codec(d.encoding), f"data.encoding={d.encoding!r} is not a text encoding Python knows (e.g. utf-8, "
+                                   "latin-1, cp1252)")
     require(not (cfg.model.load_in_4bit and cfg.model.full_finetuning),
             "model.load_in_4bit=true with model.full_finetuning=true: 4-bit weights cannot be fully fine-tuned; "
             "turn one off")
