@@ -127,3 +127,32 @@ def process_age_s() -> float:
         return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError):
         return 0.0
+
+
+class StopOnDivergence(TrainerCallback):
+    """A NaN or inf gradient (which a NaN or inf loss always gives) stops training before the optimizer applies it.
+
+    The weights, and every checkpoint already written, stay those of the last good step; nothing is saved or
+    evaluated at the diverged step. `diverged_at_step` names the step. Under DDP the gradients are already averaged
+    over the ranks here, so every rank stops at the same step.
+    """
+
+    def __init__(self):
+        self.diverged_at_step: int | None = None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        import torch
+
+        gradients = [p.grad for p in model.parameters() if p.grad is not None]
+        if not gradients or bool(torch.stack(torch._foreach_norm(gradients)).isfinite().all()):
+            return control
+        for parameter in model.parameters():
+            parameter.grad = None  # the optimizer leaves a parameter without a gradient as it is
+        self.diverged_at_step = state.global_step + 1
+        control.should_training_stop = True
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.diverged_at_step is not None:
+            control.should_save = control.should_evaluate = False
+        return control

@@ -88,5 +88,5 @@ def _check_values(overrides: list[str]) -> None:
     # must not be touched at all.
     run_dir = Path(typed.run.dir or f"outputs/{typed.run.name or ''}").resolve()
     check_run_dir_location(run_dir)
-    if typed.run.name or typed.run.dir:
-        plan_run(typed.run, run_dir)
+    if typed.run.name or typed.run.dir or typed.run.resume not in ("auto", "never"):
+        plan_run(typed.run, run_dir)  # a run.resume path is checked wherever the run goes

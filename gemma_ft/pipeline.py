@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from gemma_ft.compile_cache import import_unsloth_with_persistent_compile_cache
 from gemma_ft.config import Config, to_typed
 from gemma_ft.data.conversations import Split, load_conversations, split_conversations
-from gemma_ft.errors import DataError
+from gemma_ft.errors import DataError, UserError
 from gemma_ft.distributed import (
     check_every_rank_read_the_same_rows,
     is_main_process,
@@ -50,6 +50,11 @@ class Prepared:
     stop_on_signal: Any  # gemma_ft.callbacks.StopOnSignal
     train_rows: Any  # gemma_ft.data.encoding.EncodedRows: the training rows before batching
     batch_plan: Any  # gemma_ft.batching.BatchPlan
+    stop_on_divergence: Any  # gemma_ft.callbacks.StopOnDivergence
+
+
+class RunDiverged(UserError):
+    """The loss or its gradients became NaN/inf: training stopped before that step was applied."""
 
 
 class RunInterrupted(Exception):
@@ -89,7 +94,7 @@ def prepare(cfg: Any, run_dir: str | Path | None = None) -> Prepared:
 
     import datasets
 
-    from gemma_ft.callbacks import LogEveryFinalStep, MarkCheckpointComplete, StopOnSignal
+    from gemma_ft.callbacks import LogEveryFinalStep, MarkCheckpointComplete, StopOnDivergence, StopOnSignal
     from gemma_ft.chat_template import apply_gemma3_template
     from gemma_ft.models.loading import add_lora_adapters, load_model, load_tokenizer, resolve_model_path
     from gemma_ft.batching import plan_batching
@@ -122,14 +127,15 @@ def prepare(cfg: Any, run_dir: str | Path | None = None) -> Prepared:
     # The data lives in memory; caching it on disk would only cost time.
     datasets.disable_caching()
     stop_on_signal = StopOnSignal()
-    callbacks = [MarkCheckpointComplete(), LogEveryFinalStep(), stop_on_signal, startup]
+    stop_on_divergence = StopOnDivergence()
+    callbacks = [MarkCheckpointComplete(), LogEveryFinalStep(), stop_on_signal, stop_on_divergence, startup]
     trainer = build_trainer(model, tokenizer, train_rows.dataset(), eval_rows.dataset(), cfg, batch_plan,
                             checkpoint_dir(run_dir), callbacks)
     check_every_rank_read_the_same_rows(cfg.data.path, split)  # the Trainer has started the ranks' process group
     if not batch_plan.packed:  # packed batches have one fixed shape of their own
         pad_short_batches_for_flex_attention(trainer, model, tokenizer)
     return Prepared(cfg, run_dir, split, tokenizer, model, trainer, dropped, plan.resume_from, stop_on_signal,
-                    train_rows, batch_plan)
+                    train_rows, batch_plan, stop_on_divergence)
 
 
 def run(cfg: Any, run_dir: str | Path | None = None) -> dict:
@@ -162,6 +168,15 @@ def run(cfg: Any, run_dir: str | Path | None = None) -> dict:
             f"{p.stop_on_signal.received}: stopped at step {trainer.state.global_step} with a checkpoint saved in "
             f"{checkpoint_dir(p.run_dir)}; resume by running the same command with run.dir={p.run_dir}",
             p.stop_on_signal.received,
+        )
+    if p.stop_on_divergence.diverged_at_step is not None:
+        wait_for_everyone()
+        kept = [c.name for c in checkpoint_dir(p.run_dir).glob("checkpoint-*")]
+        raise RunDiverged(
+            f"training diverged at step {p.stop_on_divergence.diverged_at_step}: the loss or its gradients became "
+            f"NaN/inf, so the run stopped before applying that step and saved no adapter or metrics; "
+            + (f"its last good checkpoint stays in {checkpoint_dir(p.run_dir)}; " if kept else "")
+            + f"lower optim.lr (now {cfg.optim.lr}), keep optim.max_grad_norm > 0, or check the data, then run again"
         )
     eval_loss = final_eval_loss(trainer)
 
