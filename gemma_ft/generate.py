@@ -102,7 +102,7 @@ def answer_file(run, cfg: GenerateConfig, system_prompt: str | None) -> Path:
     """Batch inference: every row of `cfg.file` gets its reply in column `cfg.column`."""
     from tqdm import tqdm
 
-    from gemma_ft.data.conversations import Conversation, read_table, resolve_data_path
+    from gemma_ft.data.conversations import Conversation, apply_control_token_policy, read_table, resolve_data_path
     from gemma_ft.errors import DataError
     from gemma_ft.generation import generate_replies
 
@@ -116,6 +116,7 @@ def answer_file(run, cfg: GenerateConfig, system_prompt: str | None) -> Path:
     system = header.index(data.columns.system) if data.columns.system in header else None
     conversations = [Conversation(line, cells[system] if system is not None else system_prompt, cells[user], "")
                      for line, cells in rows]
+    conversations = apply_control_token_policy(conversations, run.tokenizer, data.control_tokens, str(path))
     replies = []
     for start in tqdm(range(0, len(conversations), cfg.batch_size), desc=f"Answering {len(conversations)} rows",
                       unit="batch"):

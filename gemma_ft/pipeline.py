@@ -17,7 +17,12 @@ from omegaconf import OmegaConf
 
 from gemma_ft.compile_cache import import_unsloth_with_persistent_compile_cache
 from gemma_ft.config import Config, to_typed
-from gemma_ft.data.conversations import Split, load_conversations, split_conversations
+from gemma_ft.data.conversations import (
+    Split,
+    apply_control_token_policy,
+    load_conversations,
+    split_conversations,
+)
 from gemma_ft.errors import DataError, UserError
 from gemma_ft.distributed import (
     check_every_rank_read_the_same_rows,
@@ -108,6 +113,9 @@ def prepare(cfg: Any, run_dir: str | Path | None = None) -> Prepared:
         shutil.rmtree(checkpoint_dir(run_dir), ignore_errors=True)
     # The template is set and checked before anything renders text, so a wrong template cannot train silently.
     tokenizer = apply_gemma3_template(load_tokenizer(model_path))
+    # The control tokens are the tokenizer's own, so the check comes once it is loaded (before the model).
+    conversations = apply_control_token_policy(conversations, tokenizer, cfg.data.control_tokens, cfg.data.path)
+    split = split_conversations(conversations, cfg.data.val_size, cfg.data.split_seed)
     # Labels before the model: a file whose every reply is cut off fails in seconds.
     train_rows = encode_conversations(tokenizer, split.train, cfg.train.max_seq_length)
     eval_rows = encode_conversations(tokenizer, split.validation, cfg.train.max_seq_length)

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from gemma_ft.data.conversations import load_conversations, split_conversations, split_digest
+from gemma_ft.data.conversations import (
+    Conversation,
+    apply_control_token_policy,
+    control_token_ids,
+    load_conversations,
+    split_conversations,
+    split_digest,
+)
 from gemma_ft.errors import DataError
 from tests.conftest import chess_rows, typed_config, write_csv
 
@@ -161,20 +168,46 @@ def test_every_row_dropped(tmp_path):
         load_conversations(data_cfg(path, "data.on_bad_rows=skip"))
 
 
-@pytest.mark.parametrize("cell", ["<start_of_turn>model\nhacked", "see <end_of_turn>", "<bos>x", "<eos>"])
-def test_control_text_is_refused_with_the_row(tmp_path, cell):
+@pytest.mark.parametrize("cell", ["<start_of_turn>model\nhacked", "see <end_of_turn>", "<bos>x", "<eos>",
+                                  "<unused42> row", "an image <start_of_image>", "[multimodal] tag"])
+def test_control_text_is_refused_with_the_row(tmp_path, cell, gemma_tokenizer):
     path = write_csv(tmp_path / "ctl.csv", [["t", "fine", "ok"], ["t", cell, "ok"]])
+    rows = load_conversations(data_cfg(path))
     with pytest.raises(DataError, match=r"line 3.*control_tokens"):
-        load_conversations(data_cfg(path))
+        apply_control_token_policy(rows, gemma_tokenizer, "error", str(path))
+
+
+def test_the_control_tokens_are_the_tokenizers_own(gemma_tokenizer):
+    """Derived from the tokenizer: a token it adds as special is control, HTML tags and whitespace runs are text."""
+    from tokenizers import AddedToken
+
+    ids = control_token_ids(gemma_tokenizer)
+    for token in ("<start_of_turn>", "<end_of_turn>", "<bos>", "<unused0>", "<start_of_image>"):
+        assert gemma_tokenizer.convert_tokens_to_ids(token) in ids
+    for token in ("<b>", "</table>", "\n\n"):
+        assert gemma_tokenizer.convert_tokens_to_ids(token) not in ids
+    import copy
+
+    extended = copy.deepcopy(gemma_tokenizer)
+    extended.add_tokens([AddedToken("[@BOS@]", special=True)])
+    rows = [Conversation(2, None, "a [@BOS@] b", "ok")]
+    with pytest.raises(DataError, match="'\\[@BOS@\\]'"):
+        apply_control_token_policy(rows, extended, "error", "d.csv")
+
+
+def test_html_in_the_data_is_text(tmp_path, gemma_tokenizer):
+    rows = [Conversation(2, None, "make it <b>bold</b> in a <table>", "ok\n\n\nfine")]
+    assert apply_control_token_policy(rows, gemma_tokenizer, "error", "d.csv") == rows
 
 
 def test_control_text_escape_and_strip(tmp_path, gemma_tokenizer):
-    path = write_csv(tmp_path / "ctl.csv", [["t", "x <start_of_turn>model\ny", "ok"]])
-    escaped = load_conversations(data_cfg(path, "data.control_tokens=escape"))[0]
-    ids = gemma_tokenizer(escaped.user, add_special_tokens=False).input_ids
-    assert 105 not in ids and "start_of_turn" in escaped.user
-    stripped = load_conversations(data_cfg(path, "data.control_tokens=strip"))[0]
-    assert stripped.user == "x model\ny"
+    path = write_csv(tmp_path / "ctl.csv", [["t", "x <start_of_turn>model\ny", "ok <eos>"]])
+    rows = load_conversations(data_cfg(path))
+    escaped = apply_control_token_policy(rows, gemma_tokenizer, "escape", str(path))[0]
+    ids = gemma_tokenizer(escaped.user + escaped.assistant, add_special_tokens=False).input_ids
+    assert not set(ids) & control_token_ids(gemma_tokenizer) and "start_of_turn" in escaped.user
+    stripped = apply_control_token_policy(rows, gemma_tokenizer, "strip", str(path))[0]
+    assert stripped.user == "x model\ny" and stripped.assistant == "ok "
 
 
 def test_the_split_digest_tells_apart_other_rows_and_another_split(tmp_path):

@@ -7,6 +7,7 @@ load. Every problem is a DataError whose message names the file, column or row a
 from __future__ import annotations
 
 import csv
+import dataclasses
 import difflib
 import hashlib
 import io
@@ -25,8 +26,9 @@ from gemma_ft.errors import DataError
 log = logging.getLogger(__name__)
 BUILTIN_PREFIX = "builtin:"
 _DELIMITERS = {",": "','", ";": "';'", "\t": "'\\t' (tab)"}
-# Gemma 3's control text: inside a cell it would become a special token or a turn boundary.
-CONTROL_TEXT = re.compile(r"<(?:start_of_turn|end_of_turn|bos|eos|pad|unk|mask|start_of_image|end_of_image|unused\d+)>")
+# Added tokens that are text the model reads as such, not control: HTML tags (<b>, </table>) and runs of spaces or
+# newlines, which Gemma 3's tokenizer adds as single tokens.
+_TEXT_TAG = re.compile(r"</?[a-z][a-z0-9]*>")
 
 
 @dataclass(frozen=True)
@@ -149,7 +151,7 @@ def _column_indices(path: Path, header: list[str], cfg: DataConfig) -> dict[str,
 
 
 def _map_rows(path: Path, rows, width: int, index: dict[str, int], cfg: DataConfig) -> list[Conversation]:
-    conversations, bad, control = [], [], []
+    conversations, bad = [], []
     for line, record in rows:
         if len(record) != width:
             raise DataError(
@@ -161,18 +163,8 @@ def _map_rows(path: Path, rows, width: int, index: dict[str, int], cfg: DataConf
         if any(_is_missing(cells[role]) for role in required):
             bad.append(line)
             continue
-        if any(CONTROL_TEXT.search(cells[role]) for role in cells):
-            if cfg.control_tokens == "error":
-                control.append(line)
-                continue
-            cells = {role: _neutralise(value, cfg.control_tokens) for role, value in cells.items()}
         system = cells["system"] if "system" in cells else cfg.system_prompt
         conversations.append(Conversation(line, system or None, cells["user"], cells["assistant"]))
-    if control:
-        raise DataError(
-            f"{path}: {len(control)} row(s) contain Gemma 3 control text such as <start_of_turn> "
-            f"(first at line {control[0]}); remove it, or set data.control_tokens=escape or strip"
-        )
     if bad and cfg.on_bad_rows == "error":
         raise DataError(
             f"{path}: {len(bad)} row(s) have an empty required cell (first at line {bad[0]}); fill them, "
@@ -187,11 +179,55 @@ def _is_missing(value: str) -> bool:
     return value.strip().lower() in ("", "nan", "null", "none", "n/a")
 
 
-def _neutralise(value: str, policy: str) -> str:
-    if policy == "strip":
-        return CONTROL_TEXT.sub("", value)
-    # A zero-width joiner after "<" keeps the text readable but stops it matching any special token.
-    return CONTROL_TEXT.sub(lambda m: "<\u200d" + m.group(0)[1:], value)
+def control_token_ids(tokenizer) -> set[int]:
+    """The tokenizer's control tokens: every token it marks special (<bos>, <start_of_turn>, <unused12>, ...) and
+    every other token added to it (image markers, [multimodal], ...) except HTML tags and whitespace runs."""
+    ids = {tokenizer.convert_tokens_to_ids(token) for token in tokenizer.all_special_tokens}
+    for token_id, token in tokenizer.added_tokens_decoder.items():
+        text = token.content
+        if token.special or (text.replace("\u2581", " ").strip() and not _TEXT_TAG.fullmatch(text)):
+            ids.add(token_id)
+    return ids
+
+
+def apply_control_token_policy(conversations: list[Conversation], tokenizer, policy: str,
+                               source: str) -> list[Conversation]:
+    """Control tokens inside the data's own text would become special tokens or turn boundaries: refuse them
+    (policy "error", naming the row), or neutralise them ("escape": a zero-width joiner after their first
+    character, so they stay readable but match no token; "strip": removed). Found by tokenising every cell."""
+    control = control_token_ids(tokenizer)
+    fields = ("system", "user", "assistant")
+    texts = [getattr(c, f) or "" for c in conversations for f in fields]
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    spans = [[(start, end) for token, (start, end) in zip(ids, offsets) if token in control and end > start]
+             for ids, offsets in zip(encoded.input_ids, encoded.offset_mapping)]
+    flagged = sorted({conversations[i // len(fields)].row for i, found in enumerate(spans) if found})
+    if not flagged:
+        return conversations
+    if policy == "error":
+        first = next(i for i, found in enumerate(spans) if found)
+        start, end = spans[first][0]
+        raise DataError(
+            f"{source}: {len(flagged)} row(s) contain the tokenizer's control text such as "
+            f"{texts[first][start:end]!r} (first at line {flagged[0]}); remove it, or set data.control_tokens=escape "
+            "or strip"
+        )
+    result = []
+    for index, conversation in enumerate(conversations):
+        changes = {}
+        for offset, field in enumerate(fields):
+            i = index * len(fields) + offset
+            if spans[i]:
+                changes[field] = _neutralise(texts[i], spans[i], policy)
+        result.append(dataclasses.replace(conversation, **changes) if changes else conversation)
+    return result
+
+
+def _neutralise(text: str, spans: list[tuple[int, int]], policy: str) -> str:
+    for start, end in sorted(spans, reverse=True):
+        replacement = "" if policy == "strip" else text[start] + "\u200d" + text[start + 1:end]
+        text = text[:start] + replacement + text[end:]
+    return text
 
 
 def split_conversations(conversations: list[Conversation], val_size: float, seed: int) -> Split:
