@@ -47,7 +47,7 @@ def test_unwritable_run_dir_is_reported_before_the_model_loads(tmp_path, data, m
     monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model must not load"))
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    with pytest.raises(ConfigError, match="cannot write in the run directory"):
+    with pytest.raises(ConfigError, match="a-file is not a folder; set run.dir to a folder"):
         prepare(typed_config([*TINY, f"data.path={data}", "data.val_size=2"]), run_dir=blocker / "run")
 
 
