@@ -135,9 +135,31 @@ def answer_file(run, cfg: GenerateConfig, system_prompt: str | None) -> Path:
     return output
 
 
+def sampling_problems(cfg: GenerateConfig) -> list[str]:
+    """Every out-of-range or non-finite sampling value, as one message each."""
+    import math
+
+    s, found = cfg.sampling, []
+    if s.max_new_tokens <= 0:
+        found.append(f"sampling.max_new_tokens={s.max_new_tokens} must be > 0")
+    if not (math.isfinite(s.temperature) and s.temperature > 0):
+        found.append(f"sampling.temperature={s.temperature} must be a finite number > 0 (greedy: sampling.do_sample=false)")
+    if not (math.isfinite(s.top_p) and 0 < s.top_p <= 1):
+        found.append(f"sampling.top_p={s.top_p} must be in (0, 1]")
+    if s.top_k < 0:
+        found.append(f"sampling.top_k={s.top_k} must be >= 0 (0: no top-k cut)")
+    if cfg.batch_size <= 0:
+        found.append(f"batch_size={cfg.batch_size} must be > 0")
+    return found
+
+
 def generate(cfg: GenerateConfig) -> None:
+    from gemma_ft.errors import ConfigError
     from gemma_ft.finished_run import load_finished_run
 
+    problems = sampling_problems(cfg)
+    if problems:  # before the run's model loads
+        raise ConfigError("; ".join(problems))
     run = load_finished_run(cfg.run)
     system_prompt = cfg.system_prompt if cfg.system_prompt is not None else run.cfg.data.system_prompt
     if cfg.prompt is not None:

@@ -81,7 +81,7 @@ def test_a_run_dir_that_cannot_hold_a_run_is_one_line_and_exit_2(run_dir, reason
     assert stop.value.code == 2 and len(err) == 1 and reason in err[0] and run_dir in err[0]
 
 
-def test_an_unwritable_run_dir_is_refused(tmp_path):
+def test_an_unwritable_run_dir_is_refused(tmp_path, monkeypatch):
     import os
 
     from gemma_ft.errors import ConfigError
@@ -89,14 +89,11 @@ def test_an_unwritable_run_dir_is_refused(tmp_path):
 
     locked = tmp_path / "locked"
     locked.mkdir()
-    locked.chmod(0o500)
-    try:
-        if os.access(locked, os.W_OK):
-            pytest.skip("running as a user who may write anywhere (root)")
-        with pytest.raises(ConfigError, match="is not writable"):
-            check_run_dir_location(locked / "run")
-    finally:
-        locked.chmod(0o700)
+    # What the system answers for a folder this user may not write (root may write anywhere, so it is simulated).
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if path == locked else real_access(path, mode))
+    with pytest.raises(ConfigError, match="locked is not writable; set run.dir to a writable folder"):
+        check_run_dir_location(locked / "run")
 
 
 def test_every_reply_cut_off_is_a_data_error_before_the_model_loads(tmp_path, monkeypatch):
@@ -124,3 +121,19 @@ def test_a_run_whose_loss_becomes_nan_stops_at_that_step_and_keeps_its_last_good
                           "optim.max_grad_norm=0", "train.save_steps=1", "train.max_steps=6"]), run_dir=run_dir)
     assert not (run_dir / "metrics.json").exists() and not (run_dir / "adapter").exists()
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-*")) == ["checkpoint-1"]
+
+
+@pytest.mark.parametrize("key,value", [("max_new_tokens", -5), ("temperature", float("inf")),
+                                       ("temperature", float("nan")), ("temperature", 0.0), ("top_p", 1.5),
+                                       ("top_p", float("nan")), ("top_k", -1)])
+def test_a_bad_sampling_value_is_refused_before_the_run_loads(key, value, tmp_path):
+    import dataclasses
+
+    from gemma_ft.errors import ConfigError
+    from gemma_ft.generate import GenerateConfig, SamplingConfig, generate
+
+    cfg = GenerateConfig(run=str(tmp_path / "no-such-run"), prompt="hi",
+                         sampling=dataclasses.replace(SamplingConfig(), **{key: value}))
+    with pytest.raises(ConfigError, match=f"sampling.{key}="):
+        generate(cfg)
+    assert not (tmp_path / "no-such-run").exists()
