@@ -3,7 +3,9 @@
 The rules (README "Performance"; measurements in benchmarks/results/2026-12-04-h200-1b-packed-epoch/):
 
 * `train.batching=auto` packs on a CUDA GPU and pads on a CPU. On a GPU a padded step of 8 rows of ~430 tokens is
-  bound by the host's per-step work (~0.16-0.19 s whatever it carries), so larger steps of real tokens fill it.
+  bound by the host's per-step work (~0.16-0.19 s whatever it carries), so larger steps of real tokens fill it. On
+  a 2-core CPU, packed bins of 4,096 tokens ran at 0.85x padded batches of 8 rows (dense attention over the whole
+  bin; benchmarks/results/2026-12-04-cpu-270m-packed-vs-padded/).
 * `train.tokens_per_step=null` picks the largest power of two up to PACKED_TOKENS_CAP whose activations fit in
   MEMORY_SHARE of the GPU memory left free once the model is loaded, and at least `train.max_seq_length` (a bin
   must hold the longest row whole). On a CPU it is `per_device_train_batch_size x max_seq_length`.
