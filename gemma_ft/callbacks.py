@@ -117,7 +117,6 @@ def process_age_s() -> float:
     """Seconds since this process started (the interpreter and the imports before the runner), 0.0 where the
     system does not say."""
     import os
-    import time
 
     try:
         with open(f"/proc/{os.getpid()}/stat") as handle:

@@ -23,7 +23,6 @@ from gemma_ft.data.conversations import (
     load_conversations,
     split_conversations,
 )
-from gemma_ft.errors import DataError, UserError
 from gemma_ft.distributed import (
     check_every_rank_read_the_same_rows,
     is_main_process,
@@ -32,6 +31,7 @@ from gemma_ft.distributed import (
     use_local_gpu,
     wait_for_everyone,
 )
+from gemma_ft.errors import DataError, UserError
 from gemma_ft.plots import plot_run_losses
 from gemma_ft.run_dir import check_writable, checkpoint_dir, plan_run
 from gemma_ft.validation import validate
@@ -71,8 +71,8 @@ class RunInterrupted(Exception):
 
 
 def prepare(cfg: Any, run_dir: str | Path | None = None) -> Prepared:
-    """Stages up to a ready trainer: data check -> tokenizer -> chat template -> model -> LoRA -> dataset ->
-    SFTTrainer -> response-only masking."""
+    """Stages up to a ready trainer: config and data checks -> tokenizer -> chat template -> control tokens ->
+    response-only labels -> model -> batch plan -> LoRA -> SFTTrainer (padded or packed batches)."""
     from gemma_ft.callbacks import StartupPhases
 
     startup = StartupPhases()
@@ -99,11 +99,11 @@ def prepare(cfg: Any, run_dir: str | Path | None = None) -> Prepared:
 
     import datasets
 
+    from gemma_ft.batching import plan_batching
     from gemma_ft.callbacks import LogEveryFinalStep, MarkCheckpointComplete, StopOnDivergence, StopOnSignal
     from gemma_ft.chat_template import apply_gemma3_template
-    from gemma_ft.models.loading import add_lora_adapters, load_model, load_tokenizer, resolve_model_path
-    from gemma_ft.batching import plan_batching
     from gemma_ft.data.encoding import encode_conversations
+    from gemma_ft.models.loading import add_lora_adapters, load_model, load_tokenizer, resolve_model_path
     from gemma_ft.training import build_trainer, pad_short_batches_for_flex_attention
 
     startup.mark("imports")
