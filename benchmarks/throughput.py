@@ -499,6 +499,8 @@ def main() -> None:
                         help="a gemma_ft config override for the gemma_ft cases, e.g. train.batching=padded")
     parser.add_argument("--check-isolation", action="store_true",
                         help="packed gemma_ft cases: check on this machine that no packed row attends to another")
+    parser.add_argument("--isolation-only", action="store_true",
+                        help="gemma_ft cases with packed batches: only check that no packed row attends to another")
     parser.add_argument("--model-dir", default=None, help="this model folder instead of a random --arch one")
     parser.add_argument("--workdir", default="/tmp/bench")
     parser.add_argument("--tokenizer", required=True)
@@ -552,6 +554,14 @@ def main() -> None:
         trainer = case_unsloth(args, data, model_dir)
     else:
         trainer = case_hf(args, data, model_dir)
+    if args.isolation_only:  # no training: the packed rows' isolation on this machine's kernels, then stop
+        change = rows_attend_only_to_themselves(prepared)
+        print(f"[bench] isolation: later rows' logits changed by at most {change:.3g}", flush=True)
+        with open(args.out, "a") as handle:
+            handle.write(json.dumps({"case": args.case, "arch": args.arch, "overrides": args.set,
+                                     "gpu": torch.cuda.get_device_name(0) if cuda else "cpu",
+                                     "cross_row_logit_change": change}) + "\n")
+        return
     if args.rank_local_metrics:
         # TRL gathers its logged metrics (entropy, token accuracy, token count) from every rank after each forward pass
         # and reads them on the host: a meeting of the ranks at every step. Left on each rank, the host waits for its
