@@ -267,3 +267,17 @@ def test_every_rank_stops_with_one_line_naming_the_csv_when_a_rank_read_other_ro
     assert f"data.path={data}: rank(s) 1 read other rows than rank 0 (rows read, rank 0: 32, rank 1: 31)" in errors[0]
     assert "raise DataError" not in result.stderr  # no traceback of gemma_ft's (torchrun reports the exit codes)
     assert not list(run_dir.glob("checkpoints/checkpoint-*")) and not (run_dir / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_two_ranks_train_and_evaluate_on_packed_bins_of_one_shape(tmp_path):
+    """The packed path under torchrun: each rank trains on its own bins, all of the same token budget, and the run
+    finishes with its adapter and metrics."""
+    data = write_csv(tmp_path / "chess.csv", chess_rows(48))
+    run_dir = tmp_path / "packed"
+    result = torchrun(tmp_path, "none", 0, *TINY, f"data.path={data}", "data.val_size=8", "train.batching=packed",
+                      "train.tokens_per_step=256", "train.max_steps=3", "train.eval_steps=2", f"run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["batching"] == "packed" and metrics["tokens_per_step"] == 256 and metrics["global_step"] == 3
+    assert metrics["eval_loss"] > 0 and (run_dir / "adapter" / "adapter_model.safetensors").is_file()
