@@ -1,6 +1,6 @@
 # One GPU, gemma_ft's default length-grouped batch order, for STEPS (default 56) steps: past the end of the sampler's
 # first megabatch (50 batches, longest first), where the shortest batch is followed by the next megabatch's longest.
-# In session 8, before gemma_ft padded batches beyond one flex-attention block (129 tokens), step 50 (padded to 127
+# Measured on an H200 (2026-11-27): before gemma_ft padded batches beyond one flex-attention block (129 tokens), step 50 (padded to 127
 # tokens) took 58 s with gemma_ft's defaults, and 11 s with the block compile off, after which every step ran ~4x
 # slower (benchmarks/results/2026-11-27-s8/).
 # PARTS (default "plain defaults"), in order, under one DEADLINE (s):

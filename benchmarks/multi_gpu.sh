@@ -17,7 +17,7 @@
 # Every GPU's utilisation and memory, and which process runs on which GPU, are logged each second meanwhile
 # (logs/gpu_monitor.csv, logs/gpu_apps.csv): is each rank on its own card, and how busy is it?
 # TIMING (default window): the GPUs are synchronised only at the ends of the timed steps, as in a run without the
-# benchmark (step: around every step, a meeting of the ranks that a real run does not have; sessions 4-8 timed so).
+# benchmark (step: around every step, a meeting of the ranks that a real run does not have; the earliest measurements timed so).
 # LOGGING_STEPS (default 5, gemma_ft's default; 1 logs the whole loss curve, a meeting of the ranks every step).
 # STEPS (default 20) timed steps after WARMUP (default 5) steps; PROFILE_STEPS (default 0) more steps under
 # torch.profiler for the speed parts (logs/profile_*_rankN.txt: GPU kernel time against wall time, top ops by GPU

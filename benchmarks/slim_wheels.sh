@@ -1,6 +1,5 @@
-# Shrinks the carried wheel folder (.whl from ../shared/gpu/make-carry.sh) from ~58 to ~20 MB, leaving room under
-# the 64 MiB carry limit for compile caches (.gpu_assets/compile_cache_*.tar.xz): bitsandbytes ships one library
-# per CUDA version, and the GPU image's torch is built for CUDA 13, so only its libbitsandbytes_cuda13x.so stays.
+# Shrinks a folder of wheels for a GPU machine (.whl, installed by gpu_setup.sh) from ~58 to ~20 MB: bitsandbytes
+# ships one library per CUDA version, and a torch built for CUDA 13 needs only libbitsandbytes_cuda13x.so.
 #   bash benchmarks/slim_wheels.sh [.whl]
 set -euo pipefail
 dir=${1:-.whl}

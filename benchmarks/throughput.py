@@ -155,7 +155,7 @@ class Meter:
         """Profile profile_steps steps after the timed ones (into profile_out); 0 steps: no profile.
 
         The profiler stops at the end of the last profiled step, before the Trainer saves its final checkpoint (in
-        session 6 its 756 copies to the host made up most of what the profile called waits).
+        one profile (2026-11-27) its 756 copies to the host made up most of what the profile called waits).
         """
         self.timed, self.timing = timed, timing
         self.profile_steps, self.profile_out = profile_steps, profile_out
@@ -165,7 +165,7 @@ class Meter:
         # per step, the sum of the batch's token ids: which rows each rank trained on, comparable across runs
         # (an int, or a tensor on the GPU until token_id_sums_counted(), as the tokens)
         self.token_id_sums: list = []
-        # per step: pinned host blocks CUDA allocated and the seconds spent allocating them. Sessions 9 and 10 saw a
+        # per step: pinned host blocks CUDA allocated and the seconds spent allocating them. Two-GPU runs (2026-11-27) saw a
         # one-time wait of ~3 s at the first record-length batch; unsloth's offloaded checkpointing grows its pinned
         # buffers then (one cudaHostAlloc per layer), which these show or rule out.
         self.pinned_allocs: list[tuple[int, float]] = []
@@ -459,7 +459,7 @@ def prepare_inputs(args) -> tuple[Path, Path]:
 
     Under torchrun every rank calls this at once: one writes while the others wait for the lock, and each is
     written under another name and renamed into place. Before, a rank could read the CSV while another was still
-    writing it: in sessions 9 and 10 one rank of two two-GPU runs trained on 1,393 and 1,989 of the 3,000 rows.
+    writing it: in two runs (2026-11-27) one rank of two two-GPU runs trained on 1,393 and 1,989 of the 3,000 rows.
     """
     from filelock import FileLock
 
@@ -601,7 +601,7 @@ def main() -> None:
     seconds = meter.window_s if args.timing == "window" else sum(meter.times[timed])
     tokens = sum(step_tokens[timed])
     gpus = world_size()
-    # Every rank's batches: runs on the same rows have the same ones (in sessions 9 and 10 a rank that had read part
+    # Every rank's batches: runs on the same rows have the same ones (in two runs of 2026-11-27 a rank that had read part
     # of the CSV, see prepare_inputs, trained on other batches, seen only in its banner's row count).
     batches_by_rank = gather_from_ranks(
         {"padded_lengths": meter.padded_lengths, "token_id_sums": meter.token_id_sums_counted(),

@@ -113,7 +113,7 @@ def check_every_rank_read_the_same_rows(data_path: str, split) -> None:
     """Raise a DataError on every rank if any rank read other rows than rank 0 (a no-op in a single process).
 
     Each rank reads the CSV itself. One that reads it while it is still being written, or another copy on another
-    node, would otherwise train on other rows (and hold out others) without a word: in session 10 one rank of a
+    node, would otherwise train on other rows (and hold out others) without a word: on 2026-11-27 one rank of a
     two-GPU benchmark run read 1,989 of 3,000 rows of a CSV that the other rank was still writing.
     """
     if world_size() <= 1:  # nothing to compare: no digest of the whole data set at every start
@@ -134,7 +134,7 @@ def end_process_group() -> None:
     """Close torch.distributed at the end of a torchrun run (a no-op when it was never started).
 
     Without it every two-GPU run that ended on its own printed NCCL's "destroy_process_group() was not called
-    before program exit, which can leak resources" (18 logs under benchmarks/results); in session 6's stopped run
+    before program exit, which can leak resources" (18 logs under benchmarks/results); in one stopped run (2026-11-27)
     rank 0 was still exiting 2.4 s after that, when torchrun, seeing rank 1 gone, killed it.
     """
     import torch.distributed as dist

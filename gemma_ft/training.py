@@ -83,7 +83,7 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset, cfg: Config, pl
 
 # transformers' flex attention (unsloth's choice for Gemma 3 on GPUs) works on blocks of 128 tokens, and
 # torch.compile specialises a batch of one block. So the first batch padded to <= 128 tokens after longer ones
-# compiles every attention again: 58 s in one step on an H200, where its neighbours took 0.15 s (session 8; with
+# compiles every attention again: 58 s in one step on an H200, where its neighbours took 0.15 s (2026-11-27; with
 # unsloth's block compile off, every later step ran at ~4x its time). Length-grouped batches end each megabatch
 # with the shortest rows, so a run whose data has short rows meets it at the end of the first one (step 50 at batch
 # 8). A batch of at least two blocks (129 tokens) never does (benchmarks/flex_recompiles.py shows the guard).

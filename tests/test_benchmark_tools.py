@@ -157,7 +157,7 @@ def _rows_read_after_preparing(workdir: str, start) -> int:
 
 
 def test_ranks_preparing_the_benchmark_inputs_at_once_all_read_the_whole_csv(tmp_path):
-    # Sessions 9 and 10: one rank of two two-GPU runs read 1,393 and 1,989 of the 3,000 rows, while the other rank
+    # Two runs of 2026-11-27: one rank of two two-GPU runs read 1,393 and 1,989 of the 3,000 rows, while the other rank
     # was still writing them, and trained on other rows than its partner.
     import multiprocessing
 
