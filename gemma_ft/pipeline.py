@@ -115,6 +115,8 @@ def prepare(cfg: Any, run_dir: str | Path | None = None) -> Prepared:
     tokenizer = apply_gemma3_template(load_tokenizer(model_path))
     # The control tokens are the tokenizer's own, so the check comes once it is loaded (before the model).
     conversations = apply_control_token_policy(conversations, tokenizer, cfg.data.control_tokens, cfg.data.path)
+    # Split again: escaping or stripping changes the rows' text, not their number, so the seed holds out the rows
+    # the early split checked.
     split = split_conversations(conversations, cfg.data.val_size, cfg.data.split_seed)
     # Labels before the model: a file whose every reply is cut off fails in seconds.
     train_rows = encode_conversations(tokenizer, split.train, cfg.train.max_seq_length)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import functools
 import math
 
 from gemma_ft.config import Config
@@ -26,6 +27,7 @@ def scheduler_names() -> list[str]:
     return _transformers_enum_values("trainer_utils.py", "SchedulerType")
 
 
+@functools.lru_cache(maxsize=None)
 def _transformers_enum_values(module_file: str, enum: str) -> list[str]:
     """The string values of an enum class in transformers, read from its source: importing transformers takes
     seconds and prints torch's and bitsandbytes' warnings, which would bury the one-line error."""

@@ -64,17 +64,25 @@ def test_masked_labels_in_packed_batches_are_exactly_the_assistant_replies(packe
     assert sorted(trained) == replies
 
 
+def row_features(rows, indices) -> list[dict]:
+    """Encoded rows as the packer sees them: ids, labels and their one sequence length."""
+    return [{"input_ids": list(rows.input_ids[i]), "labels": rows.labels[i], "seq_lengths": [len(rows.input_ids[i])]}
+            for i in indices]
+
+
+def one_bin(features: list[dict]) -> dict:
+    """The rows concatenated into one packed bin, as TRL's pack_dataset writes it."""
+    return {key: sum((f[key] for f in features), []) for key in ("input_ids", "labels", "seq_lengths")}
+
+
 def packed_and_padded_losses(prepared, rows_in_bin: int) -> tuple[float, float]:
     """The model's loss on the first `rows_in_bin` training rows, packed into one bin and as one padded batch."""
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     rows, model = prepared.train_rows, prepared.model
-    chosen = range(rows_in_bin)
-    assert sum(len(rows.input_ids[i]) for i in chosen) <= prepared.batch_plan.tokens_per_step
-    features = [{"input_ids": rows.input_ids[i], "labels": rows.labels[i], "seq_lengths": [len(rows.input_ids[i])]}
-                for i in chosen]
-    bin_ = {key: sum((f[key] for f in features), []) for key in ("input_ids", "labels", "seq_lengths")}
-    packed_batch = prepared.trainer.data_collator([bin_])
+    features = row_features(rows, range(rows_in_bin))
+    assert sum(len(f["input_ids"]) for f in features) <= prepared.batch_plan.tokens_per_step
+    packed_batch = prepared.trainer.data_collator([one_bin(features)])
     padded_batch = DataCollatorForLanguageModeling(pad_token_id=prepared.tokenizer.pad_token_id)(
         [{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features])
     assert padded_batch["input_ids"].shape[0] == rows_in_bin and packed_batch["input_ids"].shape[0] == 1
@@ -107,13 +115,10 @@ def test_no_row_attends_to_another_in_a_packed_batch(packed):
     model, rows = packed.model, packed.train_rows
     text_config = model.config.get_text_config()
     assert {"sliding_attention", "full_attention"} <= set(text_config.layer_types)
-    chosen = list(range(4))
-    features = [{"input_ids": rows.input_ids[i], "labels": rows.labels[i], "seq_lengths": [len(rows.input_ids[i])]}
-                for i in chosen]
+    features = row_features(rows, range(4))
 
     def logits(features):
-        bin_ = {key: sum((f[key] for f in features), []) for key in ("input_ids", "labels", "seq_lengths")}
-        batch = packed.trainer.data_collator([bin_])
+        batch = packed.trainer.data_collator([one_bin(features)])
         with torch.no_grad():
             return model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0].float()
 
