@@ -15,9 +15,14 @@ for case in ${2:-packed unsloth padded}; do
   run=$((run + 1))
   case $case in
     packed) args=(--case gemma_ft_defaults ${CHECK_ISOLATION:+--check-isolation}) ;;
-    padded) args=(--case gemma_ft --set train.batching=padded) ;;
+    # gemma_ft's padded path at the plain script's settings, its offloaded checkpointing included: paired steps
+    padded) args=(--case gemma_ft --set train.batching=padded --set lora.use_gradient_checkpointing=unsloth) ;;
+    # the shipped defaults but with unsloth's offloaded checkpointing: the cost of checkpointing on its own
+    packed_offload) args=(--case gemma_ft_defaults --set lora.use_gradient_checkpointing=unsloth) ;;
     unsloth) args=(--case unsloth) ;;
-    *) echo "unknown case $case (packed, padded or unsloth)" >&2; exit 2 ;;
+    # no training: whether packed rows see each other on this GPU's kernels, at a small budget that compiles quickly
+    isolation) args=(--case gemma_ft_defaults --isolation-only --set train.tokens_per_step=2048) ;;
+    *) echo "unknown case $case (packed, packed_offload, padded, unsloth or isolation)" >&2; exit 2 ;;
   esac
   limit=$(time_left ${CASE_TIMEOUT:-600})
   [ $limit -gt 30 ] || { echo "$case skipped: no time left"; continue; }
