@@ -47,13 +47,19 @@ class ColumnsConfig:
     system: Optional[str] = "task"
     user: str = "input"
     assistant: str = "expected_output"
+    # messages / sharegpt formats: the field holding each conversation's list of turns
+    # (null: "messages" for the messages format, "conversations" for ShareGPT).
+    messages: Optional[str] = None
 
 
 @dataclass
 class DataConfig:
-    # A CSV file; a relative path is resolved against the directory the command was started in.
-    # "builtin:chess_sample" is the sample shipped in the package.
+    # A .csv/.tsv, .jsonl/.json or .parquet file, or a folder written by datasets' save_to_disk; a relative path is
+    # resolved against the directory the command was started in. "builtin:NAME" is a sample shipped in the package.
     path: str = "builtin:chess_sample"
+    # auto | columns (one exchange per record, data.columns) | messages ([{role, content}]) |
+    # sharegpt ([{from, value}]); auto: messages or sharegpt when the first record has that list, else columns.
+    format: str = "auto"
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     # Used only when columns.system is null: a fixed system text for every row (null: none).
     system_prompt: Optional[str] = None

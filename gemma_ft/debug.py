@@ -7,7 +7,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from gemma_ft.data.encoding import IGNORE_INDEX
+from gemma_ft.data.encoding import trained_label_spans
 
 
 def peak_rss_gib() -> float:
@@ -64,18 +64,22 @@ class MemoryStats:
 
 
 def show_example(rows, tokenizer, conversations, index: int) -> None:
-    """Print one training row at each stage: CSV row, formatted text, tokens, and the labels that train.
+    """Print one training row at each stage: the conversation as read, formatted text, tokens, and the labels that
+    train (one line per assistant turn).
 
     `rows` are the encoded training rows (gemma_ft.data.encoding.EncodedRows) before any batching or packing."""
     index = max(0, min(index, len(rows.input_ids) - 1))
     input_ids, labels = rows.input_ids[index], rows.labels[index]
+    conversation = conversations[rows.kept[index]]
     print("=== Dataset Example ===")
-    print(conversations[rows.kept[index]])
+    print(f"row {conversation.row} of the data file")
+    for message in conversation.messages():
+        print(f"  {message['role']:>9}: {message['content']!r}")
     print("=== Formatted Text ===")
     print(tokenizer.decode(input_ids))
     print("=== Tokenized Input ===")
     print(input_ids)
     print("=== Masked Labels (only assistant responses) ===")
-    space = tokenizer.convert_tokens_to_ids("▁")
-    shown = [space if label == IGNORE_INDEX else label for label in labels]
-    print(tokenizer.decode(shown).replace("▁", " "))
+    for turn, span in enumerate(trained_label_spans(labels), start=1):
+        print(f"  reply {turn}: {tokenizer.decode(span)!r}")
+

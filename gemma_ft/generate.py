@@ -99,23 +99,21 @@ def chat(run, cfg: GenerateConfig, system_prompt: str | None) -> None:
 
 
 def answer_file(run, cfg: GenerateConfig, system_prompt: str | None) -> Path:
-    """Batch inference: every row of `cfg.file` gets its reply in column `cfg.column`."""
+    """Batch inference: every conversation of `cfg.file` (in any format training reads) gets the reply to its last
+    user turn, written beside its fields as `cfg.column`: a CSV in gives a CSV out, any other file JSON Lines."""
+    import dataclasses
+    import json
+
     from tqdm import tqdm
 
-    from gemma_ft.data.conversations import Conversation, apply_control_token_policy, read_table, resolve_data_path
-    from gemma_ft.errors import DataError
+    from gemma_ft.data.conversations import apply_control_token_policy, conversations_from_records, resolve_data_path
+    from gemma_ft.data.readers import read_records
     from gemma_ft.generation import generate_replies
 
-    data = run.cfg.data
+    data = dataclasses.replace(run.cfg.data, system_prompt=system_prompt)
     path = resolve_data_path(cfg.file)
-    header, rows = read_table(path, data.encoding, data.delimiter)
-    if data.columns.user not in header:
-        raise DataError(f"{path}: the run reads prompts from column {data.columns.user!r}, which is missing; "
-                        f"the columns are {header}")
-    user = header.index(data.columns.user)
-    system = header.index(data.columns.system) if data.columns.system in header else None
-    conversations = [Conversation(line, cells[system] if system is not None else system_prompt, cells[user], "")
-                     for line, cells in rows]
+    records = read_records(path, data.encoding, data.delimiter)
+    conversations = conversations_from_records(records, data, require_reply=False)
     conversations = apply_control_token_policy(conversations, run.tokenizer, data.control_tokens, str(path))
     replies = []
     for start in tqdm(range(0, len(conversations), cfg.batch_size), desc=f"Answering {len(conversations)} rows",
@@ -123,15 +121,22 @@ def answer_file(run, cfg: GenerateConfig, system_prompt: str | None) -> Path:
         batch = conversations[start:start + cfg.batch_size]
         replies += generate_replies(run.model, run.tokenizer, batch, cfg.sampling.max_new_tokens,
                                     batch_size=cfg.batch_size, sampling=sampling_kwargs(cfg.sampling, run.tokenizer))
-    output = Path(cfg.output).expanduser().resolve() if cfg.output else path.with_suffix(".answers.csv")
+    reply_at = {c.row: reply for c, reply in zip(conversations, replies)}
+    answered = [(fields, reply_at[position]) for position, fields in records.rows if position in reply_at]
+    as_csv = path.suffix.lower() in (".csv", ".tsv")
+    default = path.with_suffix(".answers.csv" if as_csv else ".answers.jsonl")
+    output = Path(cfg.output).expanduser().resolve() if cfg.output else default
     tmp = output.with_suffix(output.suffix + ".tmp")
     with tmp.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow([*header, cfg.column])
-        for (_, cells), reply in zip(rows, replies):
-            writer.writerow([*cells, reply])
+        if as_csv:
+            writer = csv.writer(handle)
+            writer.writerow([*records.fields, cfg.column])
+            writer.writerows([*fields.values(), reply] for fields, reply in answered)
+        else:
+            handle.writelines(json.dumps({**fields, cfg.column: reply}, ensure_ascii=False, default=str) + "\n"
+                              for fields, reply in answered)
     tmp.replace(output)
-    print(f"Wrote {len(replies)} answers to {output} (column {cfg.column!r})")
+    print(f"Wrote {len(replies)} answers to {output} (field {cfg.column!r})")
     return output
 
 

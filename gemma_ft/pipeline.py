@@ -56,6 +56,7 @@ class Prepared:
     train_rows: Any  # gemma_ft.data.encoding.EncodedRows: the training rows before batching
     batch_plan: Any  # gemma_ft.batching.BatchPlan
     stop_on_divergence: Any  # gemma_ft.callbacks.StopOnDivergence
+    replies_cut_off: dict  # per split: assistant turns of kept rows that max_seq_length cut off entirely
 
 
 class RunDiverged(UserError):
@@ -145,7 +146,8 @@ def prepare(cfg: Any, run_dir: str | Path | None = None) -> Prepared:
     if not batch_plan.packed:  # packed batches have one fixed shape of their own
         pad_short_batches_for_flex_attention(trainer, model, tokenizer)
     return Prepared(cfg, run_dir, split, tokenizer, model, trainer, dropped, plan.resume_from, stop_on_signal,
-                    train_rows, batch_plan, stop_on_divergence)
+                    train_rows, batch_plan, stop_on_divergence,
+                    {"train": train_rows.replies_cut_off, "eval": eval_rows.replies_cut_off})
 
 
 def run(cfg: Any, run_dir: str | Path | None = None) -> dict:
@@ -209,6 +211,7 @@ def run(cfg: Any, run_dir: str | Path | None = None) -> dict:
         "batching": "packed" if p.batch_plan.packed else "padded",
         "tokens_per_step": p.batch_plan.tokens_per_step,
         "rows_dropped_too_long": p.rows_dropped_too_long,
+        "replies_cut_off": p.replies_cut_off,
     }
     if main:
         save_outputs(p.run_dir, model, tokenizer, metrics, trainer.state.log_history, em_rows, replies_before,
@@ -230,6 +233,10 @@ def report_rows_dropped_too_long(train_rows, eval_rows, max_seq_length: int) -> 
         if count:
             log.warning("%d %s row(s) dropped: max_seq_length=%d cuts off the whole reply "
                         "(raise train.max_seq_length to keep them)", count, split, max_seq_length)
+    for split, rows in (("train", train_rows), ("eval", eval_rows)):
+        if rows.replies_cut_off:
+            log.warning("%d %s repl(ies) of multi-turn rows not trained: max_seq_length=%d cuts them off entirely "
+                        "(their earlier turns still train)", rows.replies_cut_off, split, max_seq_length)
     for split, rows in (("training", train_rows), ("validation", eval_rows)):
         if not rows.input_ids:
             raise DataError(f"every {split} row was dropped: train.max_seq_length={max_seq_length} cuts off every "

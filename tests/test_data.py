@@ -114,7 +114,7 @@ def test_missing_file(tmp_path):
 
 
 def test_not_a_file(tmp_path):
-    with pytest.raises(DataError, match="not a file"):
+    with pytest.raises(DataError, match="is a folder but not one written by datasets. save_to_disk"):
         load_conversations(data_cfg(tmp_path))
 
 
@@ -141,11 +141,18 @@ def test_missing_column_lists_columns_and_suggests_the_closest(tmp_path):
 def test_empty_cells_are_counted_or_skipped(tmp_path):
     rows = chess_rows(4)
     rows[1][2] = ""
-    rows[3][1] = "NaN"
+    rows[3][1] = "  \t"
     path = write_csv(tmp_path / "e.csv", rows)
-    with pytest.raises(DataError, match=r"2 row\(s\).*line 3.*on_bad_rows=skip"):
+    with pytest.raises(DataError, match=r"line 3 has an empty 'expected_output'.*\(2 bad record\(s\) in all\).*"
+                                        r"on_bad_rows=skip"):
         load_conversations(data_cfg(path))
     assert len(load_conversations(data_cfg(path, "data.on_bad_rows=skip"))) == 2
+
+
+@pytest.mark.parametrize("cell", ["None", "null", "NaN", "n/a", "nan"])
+def test_words_that_mean_empty_elsewhere_are_data_here(tmp_path, cell):
+    path = write_csv(tmp_path / "w.csv", [["t", "Is it set?", cell]])
+    assert load_conversations(data_cfg(path))[0].assistant == cell
 
 
 def test_not_utf8_names_line_and_offset(tmp_path):
@@ -164,7 +171,7 @@ def test_duplicate_column_names(tmp_path):
 
 def test_every_row_dropped(tmp_path):
     path = write_csv(tmp_path / "blank.csv", [["t", "", "x"], ["t", "y", ""]])
-    with pytest.raises(DataError, match="every row was dropped"):
+    with pytest.raises(DataError, match="every record was dropped"):
         load_conversations(data_cfg(path, "data.on_bad_rows=skip"))
 
 
@@ -173,7 +180,7 @@ def test_every_row_dropped(tmp_path):
 def test_control_text_is_refused_with_the_row(tmp_path, cell, gemma_tokenizer):
     path = write_csv(tmp_path / "ctl.csv", [["t", "fine", "ok"], ["t", cell, "ok"]])
     rows = load_conversations(data_cfg(path))
-    with pytest.raises(DataError, match=r"line 3.*control_tokens"):
+    with pytest.raises(DataError, match=r"row 3.*control_tokens"):
         apply_control_token_policy(rows, gemma_tokenizer, "error", str(path))
 
 

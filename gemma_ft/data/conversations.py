@@ -1,16 +1,14 @@
-"""CSV -> conversations -> seeded train/validation split -> chat-template text.
+"""Data file -> conversations -> seeded train/validation split.
 
-The CSV is read and checked completely before any model work starts, so a bad file costs seconds, not a model
-load. Every problem is a DataError whose message names the file, column or row and how to fix it.
+The file is read and checked completely before any model work starts, so a bad file costs seconds, not a model
+load. Every problem is a DataError whose message names the file, line (or record) and field, and how to fix it.
+Reading is `gemma_ft.data.readers`; the shapes a conversation may take are `gemma_ft.data.formats`.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import difflib
 import hashlib
-import io
 import json
 import logging
 import math
@@ -21,11 +19,13 @@ from importlib.resources import files
 from pathlib import Path
 
 from gemma_ft.config import DataConfig
+from gemma_ft.data.formats import BadRecord, check_columns, check_turn_order, detect_format, turns_of
+from gemma_ft.data.readers import Records, read_records
 from gemma_ft.errors import DataError
 
 log = logging.getLogger(__name__)
 BUILTIN_PREFIX = "builtin:"
-_DELIMITERS = {",": "','", ";": "';'", "\t": "'\\t' (tab)"}
+BUILTIN_SUFFIXES = (".csv", ".jsonl")
 # Added tokens that are text the model reads as such, not control: HTML tags (<b>, </table>) and runs of spaces or
 # newlines, which Gemma 3's tokenizer adds as single tokens.
 _TEXT_TAG = re.compile(r"</?[a-z][a-z0-9]*>")
@@ -33,17 +33,32 @@ _TEXT_TAG = re.compile(r"</?[a-z][a-z0-9]*>")
 
 @dataclass(frozen=True)
 class Conversation:
-    row: int  # 1-based line of the record in the CSV (header is line 1)
+    """One conversation: earlier exchanges, then the last user turn and the reply to it (the one exact match and
+    generation compare against). Every assistant turn, earlier ones included, is trained on."""
+
+    row: int  # 1-based position of the record in its file: the CSV line (header = line 1), the JSONL line, ...
     system: str | None
     user: str
     assistant: str
+    history: tuple[tuple[str, str], ...] = ()  # earlier (user, assistant) exchanges, oldest first
 
     def messages(self, include_reply: bool = True) -> list[dict]:
         turns = [{"role": "system", "content": self.system}] if self.system else []
+        for user, assistant in self.history:
+            turns += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
         turns.append({"role": "user", "content": self.user})
         if include_reply:
             turns.append({"role": "assistant", "content": self.assistant})
         return turns
+
+    def texts(self) -> list[str]:
+        """Every text of the conversation, in order: system (or ""), then user and assistant turns."""
+        return [self.system or "", *(text for pair in self.history for text in pair), self.user, self.assistant]
+
+    def with_texts(self, texts: list[str]) -> Conversation:
+        """The same conversation with its texts replaced, in the order `texts()` gives them."""
+        pairs = tuple((texts[i], texts[i + 1]) for i in range(1, len(texts) - 2, 2))
+        return dataclasses.replace(self, system=texts[0] or None, history=pairs, user=texts[-2], assistant=texts[-1])
 
 
 @dataclass(frozen=True)
@@ -65,118 +80,69 @@ def resolve_data_path(path: str) -> Path:
     """A builtin sample, or a path; relative paths resolve against the directory the command started in."""
     if path.startswith(BUILTIN_PREFIX):
         name = path.removeprefix(BUILTIN_PREFIX)
-        candidate = Path(str(files("gemma_ft.data").joinpath(f"{name}.csv")))
-        if not candidate.is_file():
-            raise DataError(f"data.path={path!r}: there is no builtin data set {name!r}; try builtin:chess_sample")
-        return candidate
+        for suffix in BUILTIN_SUFFIXES:
+            candidate = Path(str(files("gemma_ft.data").joinpath(f"{name}{suffix}")))
+            if candidate.is_file():
+                return candidate
+        raise DataError(f"data.path={path!r}: there is no builtin data set {name!r}; try builtin:chess_sample or "
+                        "builtin:multi_turn_sample")
     return Path(path).expanduser().resolve()
 
 
-def load_conversations(cfg: DataConfig) -> list[Conversation]:
-    """Read, check and map every row of the CSV named by `cfg.path`."""
+def load_conversations(cfg: DataConfig, require_reply: bool = True) -> list[Conversation]:
+    """Read, check and map every record of the file named by `cfg.path`.
+
+    `require_reply=False` reads prompts to answer: a conversation may end with a user turn (its reply is then "")
+    and the columns format needs no assistant column."""
     path = resolve_data_path(cfg.path)
-    header, rows = read_table(path, cfg.encoding, cfg.delimiter)
-    index = _column_indices(path, header, cfg)
-    conversations = _map_rows(path, rows, len(header), index, cfg)
-    log.info("Read %d conversations from %s", len(conversations), path)
-    return conversations
+    return conversations_from_records(read_records(path, cfg.encoding, cfg.delimiter), cfg, require_reply)
 
 
-def read_table(path: Path, encoding: str = "utf-8", delimiter: str | None = None):
-    """(header, [(line, cells), ...]) of a CSV, with every structural problem reported as a DataError."""
-    text = _read_text(path, encoding)
-    delimiter = delimiter or _detect_delimiter(path, text)
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
-    records = []
-    try:
-        start = 1
-        for record in reader:
-            # line_num is where the record ends; a quoted cell may span lines, so keep where it started.
-            records.append((start, record))
-            start = reader.line_num + 1
-    except csv.Error as exc:
-        raise DataError(f"{path}: line {reader.line_num}: malformed CSV ({exc}); check the quoting there") from None
-    records = [(line, rec) for line, rec in records if any(cell.strip() for cell in rec)]
-    if not records:
-        raise DataError(f"{path}: the file has no header and no rows; give a CSV with a header line and data rows")
-    header_line, header = records[0]
-    header = [name.strip().lstrip("\ufeff") for name in header]
-    rows = records[1:]
-    if not rows:
-        raise DataError(f"{path}: the file has a header but no data rows; add rows under {','.join(header)}")
-    duplicates = sorted({name for name in header if header.count(name) > 1})
-    if duplicates:
-        raise DataError(f"{path}: duplicate column names {duplicates}; rename them so each column is unique")
-    return header, rows
-
-
-def _read_text(path: Path, encoding: str) -> str:
-    if not path.exists():
-        raise DataError(f"data.path: {path} does not exist; point data.path at your CSV file")
-    if not path.is_file():
-        raise DataError(f"data.path: {path} is not a file; point data.path at a CSV file")
-    raw = path.read_bytes()
-    try:
-        return raw.decode(encoding)
-    except LookupError:
-        raise DataError(f"data.encoding={encoding!r} is not a known encoding; use e.g. utf-8, latin-1, cp1252") from None
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(
-            f"{path}: not valid {encoding} at line {line}, byte offset {exc.start} "
-            f"(byte 0x{raw[exc.start]:02x}); re-save the file as UTF-8 or set data.encoding (e.g. latin-1)"
-        ) from None
-
-
-def _detect_delimiter(path: Path, text: str) -> str:
-    header = text.lstrip("\ufeff").split("\n", 1)[0]
-    counts = {d: header.count(d) for d in _DELIMITERS}
-    best = max(counts, key=counts.get)
-    return best if counts[best] > 0 else ","
-
-
-def _column_indices(path: Path, header: list[str], cfg: DataConfig) -> dict[str, int]:
-    wanted = {"user": cfg.columns.user, "assistant": cfg.columns.assistant}
-    if cfg.columns.system is not None:
-        wanted["system"] = cfg.columns.system
-    missing, fixes = [], []
-    for role, name in wanted.items():
-        if name not in header:
-            close = difflib.get_close_matches(name, header, n=1, cutoff=0.5)
-            missing.append(f"column {name!r} (data.columns.{role}) is missing")
-            fixes.append(f"data.columns.{role}={close[0] if close else '<one of them>'}")
-    if missing:
-        raise DataError(f"{path}: {'; '.join(missing)}; the columns are {header}; set {' '.join(fixes)}")
-    return {role: header.index(name) for role, name in wanted.items()}
-
-
-def _map_rows(path: Path, rows, width: int, index: dict[str, int], cfg: DataConfig) -> list[Conversation]:
+def conversations_from_records(records: Records, cfg: DataConfig, require_reply: bool = True) -> list[Conversation]:
+    path = records.path
+    fmt = detect_format(records, cfg)
+    if fmt == "columns":
+        if not require_reply:  # prompts to answer: no reply column, and the system column only where the file has it
+            system = cfg.columns.system if cfg.columns.system in records.fields else None
+            cfg = dataclasses.replace(cfg, columns=dataclasses.replace(cfg.columns, assistant=None, system=system))
+        check_columns(records, cfg)
+    elif path.suffix.lower() in (".csv", ".tsv"):
+        raise DataError(f"{path}: data.format={fmt} needs JSON turns; a CSV holds one exchange per row "
+                        "(data.format=columns), or write the conversations as JSON Lines")
     conversations, bad = [], []
-    for line, record in rows:
-        if len(record) != width:
-            raise DataError(
-                f"{path}: line {line} has {len(record)} fields, the header has {width}; quote cells that contain "
-                f"the delimiter, or set data.delimiter"
-            )
-        cells = {role: record[i] for role, i in index.items()}
-        required = ["user", "assistant"] + (["system"] if "system" in cells else [])
-        if any(_is_missing(cells[role]) for role in required):
-            bad.append(line)
+    for position, record in records.rows:
+        try:
+            turns = turns_of(record, fmt, cfg)
+            check_turn_order(turns, require_reply)
+        except BadRecord as problem:
+            bad.append((position, str(problem)))
             continue
-        system = cells["system"] if "system" in cells else cfg.system_prompt
-        conversations.append(Conversation(line, system or None, cells["user"], cells["assistant"]))
+        conversations.append(_conversation(position, turns, cfg.system_prompt))
     if bad and cfg.on_bad_rows == "error":
+        position, problem = bad[0]
         raise DataError(
-            f"{path}: {len(bad)} row(s) have an empty required cell (first at line {bad[0]}); fill them, "
-            "or set data.on_bad_rows=skip to drop them"
+            f"{path}: {records.unit} {position} {problem} ({len(bad)} bad record(s) in all); fix them, or set "
+            "data.on_bad_rows=skip to drop them"
         )
+    if bad:
+        log.warning("Skipped %d bad record(s) of %s (data.on_bad_rows=skip), first %s %d: %s", len(bad), path,
+                    records.unit, *bad[0])
     if not conversations:
-        raise DataError(f"{path}: every row was dropped ({len(bad)} with empty cells); nothing is left to train on")
+        raise DataError(f"{path}: every record was dropped ({len(bad)} bad); nothing is left to train on")
+    replies = sum(len(c.history) + 1 for c in conversations)
+    log.info("Read %d conversations (%s format, %d replies) from %s", len(conversations), fmt, replies, path)
     return conversations
 
 
-def _is_missing(value: str) -> bool:
-    return value.strip().lower() in ("", "nan", "null", "none", "n/a")
+def _conversation(position: int, turns: list[tuple[str, str]], system_prompt: str | None) -> Conversation:
+    system = system_prompt
+    if turns[0][0] == "system":
+        system, turns = turns[0][1], turns[1:]
+    texts = [text for _, text in turns]
+    if len(texts) % 2:  # a prompt still to be answered
+        texts.append("")
+    pairs = [(texts[i], texts[i + 1]) for i in range(0, len(texts), 2)]
+    return Conversation(position, system or None, pairs[-1][0], pairs[-1][1], tuple(pairs[:-1]))
 
 
 def control_token_ids(tokenizer) -> set[int]:
@@ -196,12 +162,13 @@ def apply_control_token_policy(conversations: list[Conversation], tokenizer, pol
     (policy "error", naming the row), or neutralise them ("escape": a zero-width joiner after their first
     character, so they stay readable but match no token; "strip": removed). Found by tokenising every cell."""
     control = control_token_ids(tokenizer)
-    fields = ("system", "user", "assistant")
-    texts = [getattr(c, f) or "" for c in conversations for f in fields]
+    per_row = [c.texts() for c in conversations]
+    texts = [text for row in per_row for text in row]
     encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     spans = [[(start, end) for token, (start, end) in zip(ids, offsets) if token in control and end > start]
              for ids, offsets in zip(encoded.input_ids, encoded.offset_mapping)]
-    flagged = sorted({conversations[i // len(fields)].row for i, found in enumerate(spans) if found})
+    owner = [index for index, row in enumerate(per_row) for _ in row]  # text -> its conversation
+    flagged = sorted({conversations[owner[i]].row for i, found in enumerate(spans) if found})
     if not flagged:
         return conversations
     if policy == "error":
@@ -209,17 +176,14 @@ def apply_control_token_policy(conversations: list[Conversation], tokenizer, pol
         start, end = spans[first][0]
         raise DataError(
             f"{source}: {len(flagged)} row(s) contain the tokenizer's control text such as "
-            f"{texts[first][start:end]!r} (first at line {flagged[0]}); remove it, or set data.control_tokens=escape "
+            f"{texts[first][start:end]!r} (first at row {flagged[0]}); remove it, or set data.control_tokens=escape "
             "or strip"
         )
-    result = []
-    for index, conversation in enumerate(conversations):
-        changes = {}
-        for offset, field in enumerate(fields):
-            i = index * len(fields) + offset
-            if spans[i]:
-                changes[field] = _neutralise(texts[i], spans[i], policy)
-        result.append(dataclasses.replace(conversation, **changes) if changes else conversation)
+    result, i = [], 0
+    for conversation, row in zip(conversations, per_row):
+        changed = [_neutralise(text, spans[i + k], policy) if spans[i + k] else text for k, text in enumerate(row)]
+        i += len(row)
+        result.append(conversation.with_texts(changed) if changed != row else conversation)
     return result
 
 

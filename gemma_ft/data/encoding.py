@@ -21,6 +21,7 @@ class EncodedRows:
     labels: list[list[int]]
     kept: list[int]  # index into the conversations given, per encoded row
     dropped_too_long: int  # rows whose every reply token was cut off by max_seq_length
+    replies_cut_off: int = 0  # replies (assistant turns) of the kept rows with no token left after the cut
 
     def dataset(self):
         from datasets import Dataset
@@ -62,12 +63,27 @@ def encode_conversations(tokenizer, conversations, max_seq_length: int) -> Encod
     max_seq_length, with response-only labels; rows left without a trained token are dropped and counted."""
     texts = [render_text(tokenizer, c.messages()) for c in conversations]
     user_marker, model_marker = marker_ids(tokenizer, USER_TURN), marker_ids(tokenizer, MODEL_TURN)
-    input_ids, labels, kept = [], [], []
+    input_ids, labels, kept, replies_cut_off = [], [], [], 0
     for index, ids in enumerate(tokenizer(texts).input_ids):
         ids = ids[:max_seq_length]
         row_labels = response_labels(ids, user_marker, model_marker)
-        if any(label != IGNORE_INDEX for label in row_labels):
+        trained_replies = len(trained_label_spans(row_labels))
+        if trained_replies:
             input_ids.append(ids)
             labels.append(row_labels)
             kept.append(index)
-    return EncodedRows(input_ids, labels, kept, len(conversations) - len(kept))
+            replies_cut_off += len(conversations[index].history) + 1 - trained_replies
+    return EncodedRows(input_ids, labels, kept, len(conversations) - len(kept), replies_cut_off)
+
+
+def trained_label_spans(labels: list[int]) -> list[list[int]]:
+    """The trained labels, one list per contiguous run: one per assistant turn that kept a token."""
+    spans: list[list[int]] = []
+    previous = IGNORE_INDEX
+    for label in labels:
+        if label != IGNORE_INDEX:
+            if previous == IGNORE_INDEX:
+                spans.append([])
+            spans[-1].append(label)
+        previous = label
+    return spans
