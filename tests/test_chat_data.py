@@ -159,3 +159,18 @@ def test_control_text_in_an_earlier_turn_is_refused_or_escaped(tmp_path, gemma_t
     assert escaped.assistant == "f" and escaped.history[0][1] != chat[1]["content"]
     ids = gemma_tokenizer(escaped.history[0][1], add_special_tokens=False).input_ids
     assert not set(ids) & control_token_ids(gemma_tokenizer)
+
+
+def test_the_multi_turn_sample_trains_packed_with_examples_shown_per_turn(tmp_path, capsys):
+    from gemma_ft.pipeline import run
+    from tests.conftest import TINY
+
+    metrics = run(typed_config([*TINY, "data=multi_turn_sample", "data.val_size=4", "train.batching=packed",
+                                "train.tokens_per_step=512", "train.max_steps=2", "debug.show_examples=true"]),
+                  run_dir=tmp_path / "run")
+    assert metrics["batching"] == "packed" and metrics["global_step"] == 2 and metrics["eval_loss"] > 0
+    assert metrics["replies_cut_off"] == {"train": 0, "eval": 0}
+    samples = json.loads((tmp_path / "run" / "samples.json").read_text())
+    assert len(samples) == 2 and all(s["expected"] in ("light", "dark") or len(s["expected"]) == 2 for s in samples)
+    shown = capsys.readouterr().out
+    assert "row " in shown and "reply 1: '" in shown and "reply 2: '" in shown and "Conversation(" not in shown

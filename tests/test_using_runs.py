@@ -98,6 +98,30 @@ def test_evaluate_on_a_csv_matches_the_training_eval(finished, tmp_path):
     assert result["eval_loss"] == pytest.approx(metrics["eval_loss"], rel=0.05)
 
 
+MULTI_TURN = [
+    {"messages": [{"role": "system", "content": "Answer."}, {"role": "user", "content": "e2e4?"},
+                  {"role": "assistant", "content": "e4"}, {"role": "user", "content": "and from?"}]},
+    {"conversations": [{"from": "human", "value": "d2d4?"}, {"from": "gpt", "value": "d4"},
+                       {"from": "human", "value": "colour?"}, {"from": "gpt", "value": "light"}]},
+]
+
+
+def test_batch_inference_and_evaluation_read_chat_files(finished, tmp_path):
+    from gemma_ft.evaluate import evaluate_run
+    from gemma_ft.generate import generate
+
+    run_dir, _ = finished
+    prompts = tmp_path / "chats.jsonl"
+    prompts.write_text(json.dumps(MULTI_TURN[0]) + "\n", encoding="utf-8")
+    generate(generate_config(run_dir, f"file={prompts}", "sampling.max_new_tokens=4", *GREEDY))
+    [answered] = [json.loads(line) for line in (tmp_path / "chats.answers.jsonl").read_text().splitlines()]
+    assert answered["messages"] == MULTI_TURN[0]["messages"] and answered["generated"].strip()
+    sharegpt = tmp_path / "sharegpt.jsonl"
+    sharegpt.write_text(json.dumps(MULTI_TURN[1]) + "\n", encoding="utf-8")
+    result = evaluate_run(run_dir, str(sharegpt), max_new_tokens=4)
+    assert result["rows"] == 1 and result["eval_loss"] > 0 and result["exact_match"] in (0.0, 1.0)
+
+
 def test_merged_export_loads_without_peft_and_matches_the_adapter(finished):
     from transformers import AutoModelForCausalLM
 
