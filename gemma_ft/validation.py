@@ -8,6 +8,7 @@ import functools
 import math
 
 from gemma_ft.config import Config
+from gemma_ft.data.formats import FORMATS
 from gemma_ft.errors import ConfigError
 
 REPORT_TO = ("tensorboard", "wandb", "mlflow", "none")
@@ -124,8 +125,7 @@ def problems(cfg: Config, has_cuda: bool | None = None) -> list[str]:
     require(d.val_size > 0, f"data.val_size={d.val_size} must be > 0: the run evaluates on held-out rows")
     require(d.val_size < 1 or float(d.val_size).is_integer(),
             f"data.val_size={d.val_size}: use a fraction in (0, 1) or a whole number of rows")
-    require(d.format in ("auto", "columns", "messages", "sharegpt"),
-            f"data.format={d.format!r} must be auto, columns, messages or sharegpt")
+    require(d.format in FORMATS, f"data.format={d.format!r} must be one of {', '.join(FORMATS)}")
     require(d.on_bad_rows in ("error", "skip"), f"data.on_bad_rows={d.on_bad_rows!r} must be error or skip")
     require(d.control_tokens in ("error", "escape", "strip"),
             f"data.control_tokens={d.control_tokens!r} must be error, escape or strip")

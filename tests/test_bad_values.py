@@ -15,6 +15,7 @@ from tests.conftest import TINY, chess_rows, typed_config, write_csv
 # Free text that any string satisfies; a wrong one is found when it is used (a path that does not exist, a column
 # the CSV lacks: tests/test_data.py, tests/test_environment_errors.py).
 FREE_TEXT = {"model.name_or_path", "data.path", "data.columns.system", "data.columns.user", "data.columns.assistant",
+             "data.columns.messages",
              "data.system_prompt", "run.name", "run.dir"}
 
 
