@@ -1,14 +1,16 @@
-"""Export a finished run: `python -m gemma_ft.export run=outputs/<run>`.
+"""Export a finished run: `python -m gemma_ft.export run=outputs/<run> [format=merged|gguf]`.
 
-Writes <run>/merged: the adapter folded into 16-bit weights, with the tokenizer and its chat template, loadable by
-plain transformers (no peft). GGUF for llama.cpp/Ollama is not written here (see `gguf_hint`).
+- merged: <run>/merged, the adapter folded into 16-bit weights, with the tokenizer and its chat template, loadable
+  by plain transformers (no peft), whose generation config stops at <eos> and <end_of_turn>;
+- gguf: <run>/gguf/<name>-<type>.gguf for llama.cpp and Ollama (gemma_ft.gguf_export), with an Ollama Modelfile.
 """
 
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -19,34 +21,47 @@ from gemma_ft.errors import UserError, fail
 
 
 @dataclass
+class GGUFConfig:
+    type: str = "q8_0"  # bf16 | f16 | q8_0
+
+
+@dataclass
 class ExportConfig:
     run: str = MISSING
-    output: str = "merged"  # folder inside the run directory (or an absolute path)
-    dtype: str = "bfloat16"  # bfloat16 | float16 | float32
+    format: str = "merged"  # merged | gguf
+    output: Optional[str] = None  # folder inside the run directory (or an absolute path); null: "merged" or "gguf"
+    dtype: str = "bfloat16"  # merged: bfloat16 | float16 | float32
+    gguf: GGUFConfig = field(default_factory=lambda: GGUFConfig())
 
 
 ConfigStore.instance().store(name="export_schema", node=ExportConfig)
 
 
-def gguf_hint(merged_dir: Path) -> str:
-    return (f"GGUF: gemma_ft does not convert to GGUF itself (no well-kept PyPI package does it offline); run "
-            f"llama.cpp's `python convert_hf_to_gguf.py {merged_dir} --outtype q8_0` on the merged folder")
-
-
-def export_merged(run_dir: str | Path, output: str = "merged", dtype: str = "bfloat16") -> Path:
-    import torch
-
-    from gemma_ft.finished_run import load_finished_run
-
-    run = load_finished_run(run_dir, merged=True)
-    target = Path(output) if Path(output).is_absolute() else run.run_dir / output
-    model = run.model.to(getattr(torch, dtype))
+def merged_model(run):
+    """The run's model with its adapter folded in; a trained output head kept apart from the input embedding."""
+    model = run.model
     head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
     if head is not None and head.weight.data_ptr() != embeddings.weight.data_ptr():
         # A trained output head no longer equals the input embedding: keep both, or reloading re-ties them.
         model.config.tie_word_embeddings = False
         if hasattr(model.config, "text_config"):
             model.config.text_config.tie_word_embeddings = False
+    return model
+
+
+def export_merged(run_dir: str | Path, output: str | None = None, dtype: str = "bfloat16") -> Path:
+    import torch
+
+    from gemma_ft.finished_run import load_finished_run
+    from gemma_ft.generation import stop_token_ids
+
+    run = load_finished_run(run_dir, merged=True)
+    target = Path(output or "merged")
+    target = target if target.is_absolute() else run.run_dir / target
+    model = merged_model(run).to(getattr(torch, dtype))
+    # <eos> and <end_of_turn>, as Google's Gemma 3 instruct configs list them: plain transformers, vLLM and others
+    # then stop at the end of the reply.
+    model.generation_config.eos_token_id = stop_token_ids(run.tokenizer)
     staging = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(str(staging), safe_serialization=True)
@@ -54,15 +69,47 @@ def export_merged(run_dir: str | Path, output: str = "merged", dtype: str = "bfl
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
     print(f"Merged {dtype} model written to {target}")
-    print(gguf_hint(target))
     return target
+
+
+def export_gguf(run_dir: str | Path, output: str | None = None, gguf_type: str = "q8_0") -> Path:
+    """<output>/<name>-<type>.gguf and an Ollama Modelfile beside it; returns the GGUF file."""
+    from gemma_ft.finished_run import load_finished_run
+    from gemma_ft.gguf_export import GGUF_TYPES, attention_pattern_warning, ollama_modelfile, write_gguf
+    from gemma_ft.generate import SamplingConfig
+
+    if gguf_type not in GGUF_TYPES:
+        raise UserError(f"gguf.type={gguf_type!r} must be one of {', '.join(GGUF_TYPES)}")
+    run = load_finished_run(run_dir, merged=True)
+    folder = Path(output or "gguf")
+    folder = folder if folder.is_absolute() else run.run_dir / folder
+    folder.mkdir(parents=True, exist_ok=True)
+    name = run.run_dir.name
+    warning = attention_pattern_warning(run.model.config.get_text_config())
+    if warning:
+        print(f"Warning: {warning}")
+    target = write_gguf(merged_model(run), run.tokenizer, folder / f"{name}-{gguf_type}.gguf", gguf_type, name)
+    modelfile = folder / "Modelfile"
+    modelfile.write_text(ollama_modelfile(target, run.cfg.data.system_prompt, SamplingConfig()), encoding="utf-8")
+    print(f"GGUF ({gguf_type}) written to {target} ({target.stat().st_size / 2**20:.1f} MiB)")
+    print(f"Ollama: ollama create {name} -f {modelfile}")
+    print(f"llama.cpp: llama-cli -m {target} -cnv")
+    return target
+
+
+def export(cfg: ExportConfig) -> Path:
+    if cfg.format == "merged":
+        return export_merged(cfg.run, cfg.output, cfg.dtype)
+    if cfg.format == "gguf":
+        return export_gguf(cfg.run, cfg.output, cfg.gguf.type)
+    raise UserError(f"format={cfg.format!r} must be merged or gguf")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="export")
 def main(cfg) -> None:
     cfg = OmegaConf.to_object(cfg)
     try:
-        export_merged(cfg.run, cfg.output, cfg.dtype)
+        export(cfg)
     except UserError as exc:
         fail("gemma_ft.export", str(exc))
 

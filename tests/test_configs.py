@@ -21,8 +21,8 @@ COMMANDS = ["config", "generate", "evaluate", "export"]  # conf/<command>.yaml: 
 
 
 def test_every_yaml_is_found():
-    # 4 command configs + 14 group files + 2 sweep presets: update when adding one.
-    assert len(ALL_YAML) == 20
+    # 4 command configs + 15 group files + 2 sweep presets: update when adding one.
+    assert len(ALL_YAML) == 21
     assert sorted(p.stem for p in ALL_YAML if p.parent == CONF_DIR) == sorted(COMMANDS)
     assert {p.parent.name for p in GROUP_FILES} == set(GROUP_SCHEMAS)
     assert len(HYDRA_FILES) == 2

@@ -69,7 +69,9 @@ def test_a_batch_of_one_flex_attention_block_is_padded_beyond_it_without_changin
         assert padded[key].shape == (2, FLEX_BLOCK_TOKENS + 1)
         assert torch.equal(padded[key][:, missing:], plain[key]) and bool((padded[key][:, :missing] == fill).all())
     with torch.no_grad():
-        assert model(**padded).loss.item() == pytest.approx(model(**plain).loss.item(), rel=1e-5)
+        # bf16 matmuls over other shapes round differently (measured up to 1.3e-5); a mask that let padding in
+        # would move the loss by far more
+        assert model(**padded).loss.item() == pytest.approx(model(**plain).loss.item(), rel=1e-4)
     right = PadBeyondOneFlexBlock(prepared.trainer.data_collator, tokenizer.pad_token_id, "right")(rows)
     assert torch.equal(right["labels"][:, :length], plain["labels"])
     assert bool((right["labels"][:, length:] == IGNORE_INDEX).all())

@@ -142,6 +142,110 @@ def test_merged_export_loads_without_peft_and_matches_the_adapter(finished):
     assert got.tolist() == expected.tolist()
 
 
+def gguf_and_merged_logits(run_dir, gguf_type: str, prompts: list[str]):
+    """(GGUF read back by transformers, merged folder) float32 logits and greedy continuations of the prompts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gemma_ft.export import export_gguf, export_merged
+
+    merged_dir = export_merged(run_dir, output="merged_for_gguf", dtype="bfloat16")
+    gguf_file = export_gguf(run_dir, output=f"gguf_{gguf_type}", gguf_type=gguf_type)
+    assert gguf_file.name == f"{Path(run_dir).name}-{gguf_type}.gguf"
+    tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
+    results = []
+    for model in (AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name,
+                                                       dtype=torch.float32),
+                  AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32)):
+        logits, replies = [], []
+        for prompt in prompts:
+            ids = tokenizer(prompt, return_tensors="pt")
+            with torch.inference_mode():
+                logits.append(model(**ids).logits[0])
+                replies.append(model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=0)[0].tolist())
+        results.append((logits, replies))
+    return gguf_file, results
+
+
+CHAT_PROMPTS = ["<start_of_turn>user\ne2e4<end_of_turn>\n<start_of_turn>model\n",
+                "<start_of_turn>user\nWhich square? 日本語 😀<end_of_turn>\n<start_of_turn>model\n"]
+
+
+def test_gguf_bf16_reads_back_as_the_merged_model(finished):
+    run_dir, _ = finished
+    gguf_file, ((gguf_logits, gguf_replies), (merged_logits, merged_replies)) = gguf_and_merged_logits(
+        run_dir, "bf16", CHAT_PROMPTS)
+    for got, expected in zip(gguf_logits, merged_logits):
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)  # the same bf16 weights
+    assert gguf_replies == merged_replies
+    modelfile = (gguf_file.parent / "Modelfile").read_text()
+    assert modelfile.startswith(f"FROM ./{gguf_file.name}\n") and 'PARAMETER stop "<end_of_turn>"' in modelfile
+    assert "<start_of_turn>user" in modelfile and "{{ $.System }}" in modelfile
+
+
+def test_gguf_q8_0_stays_within_its_quantisation_error(finished):
+    run_dir, _ = finished
+    _, ((gguf_logits, _), (merged_logits, _)) = gguf_and_merged_logits(run_dir, "q8_0", CHAT_PROMPTS)
+    for got, expected in zip(gguf_logits, merged_logits):
+        # 8-bit blocks of 32 with one scale: about 0.4% of each block's largest weight; on the logits of this
+        # small random model that is a few percent of their spread
+        assert (got - expected).abs().max() <= 0.05 * expected.std() * 10
+        assert (got - expected).abs().mean() <= 0.05 * expected.std()
+
+
+def test_gguf_metadata_and_tokenizer_read_back_as_the_runs(finished):
+    from gguf import GGUFReader
+
+    from gemma_ft.finished_run import load_finished_run
+    from gemma_ft.models.gguf_tokenizer import GGUFVocab, hf_tokenizer
+
+    run_dir, _ = finished
+    from gemma_ft.export import export_gguf
+
+    gguf_file = export_gguf(run_dir, output="gguf_meta", gguf_type="q8_0")
+    fields = GGUFReader(str(gguf_file)).fields
+    value = lambda key: fields[key].contents()  # noqa: E731
+    run = load_finished_run(run_dir)
+    config = run.model.config.get_text_config()
+    assert value("general.architecture") == "gemma3"
+    assert value("gemma3.attention.sliding_window") == config.sliding_window
+    assert value("gemma3.context_length") == config.max_position_embeddings
+    assert (value("tokenizer.ggml.bos_token_id"), value("tokenizer.ggml.eos_token_id"),
+            value("tokenizer.ggml.eot_token_id")) == (2, 1, 106)
+    assert value("tokenizer.chat_template") == run.tokenizer.chat_template
+    tokenizer = hf_tokenizer(GGUFVocab.read(gguf_file))
+    texts = ["日本語のテキスト 中文", "emoji 😀🎉👍🏽", "def f(x):\n\treturn x  # code", "   runs  of\n\n\n   space ",
+             "<start_of_turn>user\nhi<end_of_turn>\n"]
+    for text in texts:
+        assert tokenizer(text, add_special_tokens=False).input_ids == run.tokenizer(
+            text, add_special_tokens=False).input_ids, text
+
+
+def test_merged_export_stops_at_end_of_turn_in_plain_transformers(finished):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
+
+    from gemma_ft.export import export_merged
+
+    merged_dir = export_merged(finished[0], output="merged_eos")
+    model = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32)
+    assert model.generation_config.eos_token_id == [1, 106]
+    prompt = AutoTokenizer.from_pretrained(str(merged_dir))(CHAT_PROMPTS[0], return_tensors="pt")
+    start = prompt["input_ids"].shape[1]
+
+    class EndTurnAtThirdToken(LogitsProcessor):  # the reply ends with <end_of_turn> as a trained model's would
+        def __call__(self, input_ids, scores):
+            if input_ids.shape[1] - start == 2:
+                scores[:] = -float("inf")
+                scores[:, 106] = 0
+            else:
+                scores[:, [1, 106]] = -float("inf")
+            return scores
+
+    with torch.inference_mode():  # the folder's own generation config: no eos_token_id passed
+        out = model.generate(**prompt, max_new_tokens=10, do_sample=False,
+                             logits_processor=LogitsProcessorList([EndTurnAtThirdToken()]))
+    assert out[0, start:].tolist()[-1] == 106 and out.shape[1] - start == 3
+
+
 def test_loss_plot_and_tensorboard_events_hold_the_logged_steps(finished):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

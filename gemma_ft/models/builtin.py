@@ -124,12 +124,15 @@ def _write_tiny_gemma3(folder: Path) -> None:
         vocab_size=262144,
         hidden_size=16,
         intermediate_size=32,
-        num_hidden_layers=2,
+        num_hidden_layers=6,
         num_attention_heads=2,
         num_key_value_heads=1,
-        head_dim=8,
+        # head_dim = query_pre_attn_scalar (256), as in every Gemma 3 but the 27B: what llama.cpp and transformers'
+        # GGUF loader assume, so an exported tiny run reads back as the same model
+        head_dim=256,
         sliding_window=64,
-        layer_types=["sliding_attention", "full_attention"],
+        # Gemma 3's pattern, a global layer every sixth, which GGUF readers assume: five sliding-window layers, one full
+        layer_types=["sliding_attention"] * 5 + ["full_attention"],
         max_position_embeddings=4096,
         pad_token_id=0,
         eos_token_id=1,
