@@ -5,7 +5,7 @@ publishes, laid out as llama.cpp's own Gemma 3 converter lays it out (`convert_h
 - every RMSNorm weight stored as 1 + w (Gemma computes x * (1 + w); llama.cpp's kernel computes x * w), in float32;
 - the output head only when it differs from the embedding (a trained head); a tied one is re-tied on load;
 - the Gemma 3 vocabulary with SentencePiece scores and token types (all Gemma 3 sizes share one vocabulary: it is
-  taken from the embedded 270M's GGUF after checking the run's tokenizer has exactly those tokens), BOS/EOS/EOT/pad
+  taken from the embedded 270M's GGUF, as llama.cpp's converter stored it, after checking the run's tokenizer has exactly those tokens), BOS/EOS/EOT/pad
   ids and the run's chat template.
 """
 
@@ -76,16 +76,18 @@ def rope_settings(config) -> tuple[float, str | None, float | None]:
     return float(theta), (kind if kind not in (None, "default") else None), full.get("factor")
 
 
-def gguf_vocab_for(tokenizer):
-    """The Gemma 3 vocabulary (scores and token types included), after checking the tokenizer has these tokens."""
-    from gemma_ft.models.builtin import _gguf_path
-    from gemma_ft.models.gguf_tokenizer import GGUFVocab
+def gguf_vocab_for(tokenizer) -> dict:
+    """Gemma 3's vocabulary as GGUF stores it, after checking the tokenizer has exactly these tokens."""
+    import json
 
-    vocab = GGUFVocab.read(_gguf_path())
-    ids = tokenizer.convert_tokens_to_ids(vocab.tokens)
-    mismatched = [i for i, token_id in enumerate(ids) if token_id != i]
-    if mismatched or len(tokenizer) != len(vocab.tokens):
-        raise UserError(f"the run's tokenizer is not Gemma 3's ({len(tokenizer)} tokens, {len(mismatched)} placed "
+    from gemma_ft.models.builtin import resolve_builtin
+    from gemma_ft.models.gguf_tokenizer import spm_piece
+
+    vocab = json.loads((resolve_builtin("builtin:gemma3-vocab") / "vocab.json").read_text(encoding="utf-8"))
+    ids = tokenizer.convert_tokens_to_ids([spm_piece(token) for token in vocab["tokens"]])
+    mismatched = sum(token_id != i for i, token_id in enumerate(ids))
+    if mismatched or len(tokenizer) != len(vocab["tokens"]):
+        raise UserError(f"the run's tokenizer is not Gemma 3's ({len(tokenizer)} tokens, {mismatched} placed "
                         "differently); GGUF export writes Gemma 3's vocabulary and needs its tokenizer")
     return vocab
 
@@ -124,14 +126,14 @@ def write_gguf(model, tokenizer, target: Path, type_name: str, name: str) -> Pat
         writer.add_rope_scaling_factor(float(factor))
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
-    writer.add_token_list(vocab.tokens)
-    writer.add_token_scores(vocab.scores)
-    writer.add_token_types(vocab.types)
-    writer.add_bos_token_id(vocab.bos_id)
-    writer.add_eos_token_id(vocab.eos_id)
+    writer.add_token_list(vocab["tokens"])
+    writer.add_token_scores(vocab["scores"])
+    writer.add_token_types(vocab["types"])
+    writer.add_bos_token_id(vocab["bos_id"])
+    writer.add_eos_token_id(vocab["eos_id"])
     writer.add_eot_token_id(tokenizer.convert_tokens_to_ids(END_OF_TURN))
-    writer.add_unk_token_id(vocab.unk_id)
-    writer.add_pad_token_id(vocab.pad_id)
+    writer.add_unk_token_id(vocab["unk_id"])
+    writer.add_pad_token_id(vocab["pad_id"])
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
     writer.add_add_space_prefix(False)

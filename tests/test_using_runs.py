@@ -182,36 +182,33 @@ def test_gguf_bf16_reads_back_as_the_merged_model(finished):
     assert "<start_of_turn>user" in modelfile and "{{ $.System }}" in modelfile
 
 
-def test_gguf_q8_0_stays_within_its_quantisation_error(finished):
-    run_dir, _ = finished
-    _, ((gguf_logits, _), (merged_logits, _)) = gguf_and_merged_logits(run_dir, "q8_0", CHAT_PROMPTS)
-    for got, expected in zip(gguf_logits, merged_logits):
-        # 8-bit blocks of 32 with one scale: about 0.4% of each block's largest weight; on the logits of this
-        # small random model that is a few percent of their spread
-        assert (got - expected).abs().max() <= 0.05 * expected.std() * 10
-        assert (got - expected).abs().mean() <= 0.05 * expected.std()
-
-
-def test_gguf_metadata_and_tokenizer_read_back_as_the_runs(finished):
+def test_gguf_q8_0_reads_back_within_its_quantisation_error_with_the_runs_metadata_and_tokenizer(finished):
     from gguf import GGUFReader
 
     from gemma_ft.finished_run import load_finished_run
     from gemma_ft.models.gguf_tokenizer import GGUFVocab, hf_tokenizer
 
     run_dir, _ = finished
-    from gemma_ft.export import export_gguf
+    gguf_file, ((gguf_logits, _), (merged_logits, _)) = gguf_and_merged_logits(run_dir, "q8_0", CHAT_PROMPTS)
+    for got, expected in zip(gguf_logits, merged_logits):
+        # Q8_0 keeps each block of 32 weights to 8 bits and one scale. On this model's logits that measured a mean
+        # error of 1.5% and a largest of 14% of the logits' spread, with the same top token everywhere (2026-12-04):
+        # bounds at about 3x those, and the same greedy choice at every position.
+        error = (got - expected).abs()
+        assert error.mean() <= 0.05 * expected.std() and error.max() <= 0.4 * expected.std()
+        assert torch.equal(got.argmax(-1), expected.argmax(-1))
 
-    gguf_file = export_gguf(run_dir, output="gguf_meta", gguf_type="q8_0")
     fields = GGUFReader(str(gguf_file)).fields
     value = lambda key: fields[key].contents()  # noqa: E731
     run = load_finished_run(run_dir)
     config = run.model.config.get_text_config()
     assert value("general.architecture") == "gemma3"
-    assert value("gemma3.attention.sliding_window") == config.sliding_window
-    assert value("gemma3.context_length") == config.max_position_embeddings
+    assert (value("gemma3.attention.sliding_window"), value("gemma3.context_length")) == (
+        config.sliding_window, config.max_position_embeddings)
     assert (value("tokenizer.ggml.bos_token_id"), value("tokenizer.ggml.eos_token_id"),
             value("tokenizer.ggml.eot_token_id")) == (2, 1, 106)
     assert value("tokenizer.chat_template") == run.tokenizer.chat_template
+    assert "output.weight" in {t.name for t in GGUFReader(str(gguf_file)).tensors}  # the run trained its head
     tokenizer = hf_tokenizer(GGUFVocab.read(gguf_file))
     texts = ["日本語のテキスト 中文", "emoji 😀🎉👍🏽", "def f(x):\n\treturn x  # code", "   runs  of\n\n\n   space ",
              "<start_of_turn>user\nhi<end_of_turn>\n"]

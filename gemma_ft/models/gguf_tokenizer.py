@@ -39,7 +39,7 @@ class GGUFVocab:
         def value(key: str):
             return fields[key].contents()
 
-        tokens = [_spm_piece(t) for t in value("tokenizer.ggml.tokens")]
+        tokens = [spm_piece(t) for t in value("tokenizer.ggml.tokens")]
         types = [int(t) for t in value("tokenizer.ggml.token_type")]
         unk_id = int(value("tokenizer.ggml.unknown_token_id"))
         types[unk_id] = UNKNOWN
@@ -54,7 +54,7 @@ class GGUFVocab:
         )
 
 
-def _spm_piece(token: str) -> str:
+def spm_piece(token: str) -> str:
     # llama.cpp's converter stores whitespace-only pieces with real spaces; SentencePiece spells them with "▁".
     return "▁" * len(token) if token and not token.strip(" ") else token
 
