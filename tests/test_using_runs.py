@@ -183,14 +183,43 @@ def test_gguf_bf16_reads_back_as_the_merged_model(finished):
 
 
 def test_gguf_q8_0_reads_back_within_its_quantisation_error_with_the_runs_metadata_and_tokenizer(finished):
-    from gguf import GGUFReader
+    """One read of the q8_0 file (the bf16 test reads its file with transformers' GGUF loader): its weights,
+    dequantised, in the merged model; its metadata; its vocabulary as a SentencePiece tokenizer."""
+    import gguf
+    import sentencepiece
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gemma_ft.finished_run import load_finished_run
-    from gemma_ft.models.gguf_tokenizer import GGUFVocab, hf_tokenizer
+    from gemma_ft.export import export_gguf, export_merged
+    from gemma_ft.models.gguf_tokenizer import GGUFVocab, sentencepiece_proto
 
     run_dir, _ = finished
-    gguf_file, ((gguf_logits, _), (merged_logits, _)) = gguf_and_merged_logits(run_dir, "q8_0", CHAT_PROMPTS)
-    for got, expected in zip(gguf_logits, merged_logits):
+    merged_dir = export_merged(run_dir, output="merged_for_q8_0", dtype="float32")
+    reader = gguf.GGUFReader(str(export_gguf(run_dir, output="gguf_q8_0", gguf_type="q8_0")))
+    value = lambda key: reader.fields[key].contents()  # noqa: E731
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32)
+    config = merged.config
+    assert value("general.architecture") == "gemma3"
+    assert (value("gemma3.attention.sliding_window"), value("gemma3.context_length"), value("gemma3.block_count")) == (
+        config.sliding_window, config.max_position_embeddings, config.num_hidden_layers)
+    assert (value("tokenizer.ggml.bos_token_id"), value("tokenizer.ggml.eos_token_id"),
+            value("tokenizer.ggml.eot_token_id")) == (2, 1, 106)
+    tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
+    assert value("tokenizer.chat_template") == tokenizer.chat_template
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, config.num_hidden_layers)
+    stored = {t.name: t for t in reader.tensors}
+    assert "output.weight" in stored  # the run trained its head: kept apart from the embedding
+    state = {}
+    for name, tensor in merged.state_dict().items():
+        entry = stored[names.get_name(name, try_suffixes=(".weight",))]
+        weights = torch.from_numpy(gguf.quants.dequantize(entry.data, entry.tensor_type).copy()).reshape(tensor.shape)
+        state[name] = weights - 1 if name.endswith("norm.weight") else weights
+    quantised = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32)
+    quantised.load_state_dict(state)
+    for prompt in CHAT_PROMPTS:
+        ids = tokenizer(prompt, return_tensors="pt")
+        with torch.inference_mode():
+            got, expected = quantised(**ids).logits[0], merged(**ids).logits[0]
         # Q8_0 keeps each block of 32 weights to 8 bits and one scale. On this model's logits that measured a mean
         # error of 1.5% and a largest of 14% of the logits' spread, with the same top token everywhere (2026-12-04):
         # bounds at about 3x those, and the same greedy choice at every position.
@@ -198,23 +227,11 @@ def test_gguf_q8_0_reads_back_within_its_quantisation_error_with_the_runs_metada
         assert error.mean() <= 0.05 * expected.std() and error.max() <= 0.4 * expected.std()
         assert torch.equal(got.argmax(-1), expected.argmax(-1))
 
-    fields = GGUFReader(str(gguf_file)).fields
-    value = lambda key: fields[key].contents()  # noqa: E731
-    run = load_finished_run(run_dir)
-    config = run.model.config.get_text_config()
-    assert value("general.architecture") == "gemma3"
-    assert (value("gemma3.attention.sliding_window"), value("gemma3.context_length")) == (
-        config.sliding_window, config.max_position_embeddings)
-    assert (value("tokenizer.ggml.bos_token_id"), value("tokenizer.ggml.eos_token_id"),
-            value("tokenizer.ggml.eot_token_id")) == (2, 1, 106)
-    assert value("tokenizer.chat_template") == run.tokenizer.chat_template
-    assert "output.weight" in {t.name for t in GGUFReader(str(gguf_file)).tensors}  # the run trained its head
-    tokenizer = hf_tokenizer(GGUFVocab.read(gguf_file))
+    read_back = sentencepiece.SentencePieceProcessor(model_proto=sentencepiece_proto(GGUFVocab.from_reader(reader)))
     texts = ["日本語のテキスト 中文", "emoji 😀🎉👍🏽", "def f(x):\n\treturn x  # code", "   runs  of\n\n\n   space ",
-             "<start_of_turn>user\nhi<end_of_turn>\n"]
+             "tabs\tand ünïcödé ✓"]
     for text in texts:
-        assert tokenizer(text, add_special_tokens=False).input_ids == run.tokenizer(
-            text, add_special_tokens=False).input_ids, text
+        assert read_back.encode(text) == tokenizer(text, add_special_tokens=False).input_ids, text
 
 
 def test_merged_export_stops_at_end_of_turn_in_plain_transformers(finished):
