@@ -1,5 +1,5 @@
 # Diagnosis only (timings overlap): why is an unsloth step slow on variable-length rows? Logs under $OUT.
-# Needs py-spy in .whl (pip download py-spy --no-deps --only-binary=:all: -d .whl). Results: README "Performance".
+# Needs py-spy (pip install py-spy, or its wheel in WHEELS_DIR). Results: README "Performance".
 source benchmarks/gpu_setup.sh
 prepare_bench 270m
 mkdir -p /tmp/benchB /tmp/benchC; cp -r /tmp/bench/* /tmp/benchB/ 2>/dev/null; cp -r /tmp/bench/* /tmp/benchC/ 2>/dev/null

@@ -1,15 +1,23 @@
-# Sourced at the start of every GPU command: installs the carried wheels and unpacks the real tokenizer, and any
-# compile caches carried from an earlier call (.gpu_assets/compile_cache_*.tar.xz, written by run_all.sh or
-# multi_gpu.sh with SAVE_COMPILE_CACHE=1; with KEEP_COMPILE_CACHE=1 run_all.sh then starts warm instead of emptying
-# unsloth's cache; the Triton kernels, compile_cache_triton, are used only by multi_gpu.sh, which points Triton there).
+# Sourced at the start of every GPU benchmark script. Expects the project installed (`pip install -e ".[test]"`,
+# plus bitsandbytes on the GPU machine). Optional, for a machine without PyPI or the model's GGUF package:
+#   WHEELS_DIR          a folder of wheels installed (no index, no deps) into /tmp/site before anything runs;
+#   TOKENIZER_ARCHIVE   a tar.xz of the Gemma 3 tokenizer folder (`tar -C ~/.cache/gemma_ft/gemma3-tokenizer -cJf X .`);
+#   COMPILE_CACHE_DIR   a folder of compile_cache_*.tar.xz written by run_all.sh/multi_gpu.sh with SAVE_COMPILE_CACHE=1,
+#                       unpacked so the run starts with a warm compile cache.
 #   source benchmarks/gpu_setup.sh
-[ -d /tmp/site/unsloth ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>&1 | grep -v "WARNING" | tail -2
+if [ -n "$WHEELS_DIR" ] && [ ! -d /tmp/site/unsloth ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS_DIR"/*.whl 2>&1 | grep -v "WARNING" | tail -2
+fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-export GEMMA_FT_CACHE=/tmp/gemma_ft_cache
-mkdir -p $GEMMA_FT_CACHE/gemma3-tokenizer && tar -C $GEMMA_FT_CACHE/gemma3-tokenizer -xJf .gpu_assets/tokenizer.tar.xz
-touch $GEMMA_FT_CACHE/gemma3-tokenizer/.complete
-for cache in .gpu_assets/compile_cache_*.tar.xz; do
+export GEMMA_FT_CACHE=${GEMMA_FT_CACHE:-/tmp/gemma_ft_cache}
+if [ -n "$TOKENIZER_ARCHIVE" ]; then
+  mkdir -p $GEMMA_FT_CACHE/gemma3-tokenizer && tar -C $GEMMA_FT_CACHE/gemma3-tokenizer -xJf "$TOKENIZER_ARCHIVE"
+  touch $GEMMA_FT_CACHE/gemma3-tokenizer/.complete
+else  # built from the embedded GGUF's vocabulary, once
+  python3 -c "from gemma_ft.models.builtin import resolve_builtin; resolve_builtin('builtin:gemma3-tokenizer')"
+fi
+for cache in ${COMPILE_CACHE_DIR:-/nonexistent}/compile_cache_*.tar.xz; do
   [ -f "$cache" ] && [ ! -e "$GEMMA_FT_CACHE/.unpacked_$(basename $cache)" ] || continue
   tar -C $GEMMA_FT_CACHE -xJf "$cache" && touch "$GEMMA_FT_CACHE/.unpacked_$(basename $cache)" && echo "unpacked $cache"
 done

@@ -1,4 +1,4 @@
-# Shrinks a folder of wheels for a GPU machine (.whl, installed by gpu_setup.sh) from ~58 to ~20 MB: bitsandbytes
+# Shrinks a folder of wheels for a GPU machine (WHEELS_DIR of gpu_setup.sh) from ~58 to ~20 MB: bitsandbytes
 # ships one library per CUDA version, and a torch built for CUDA 13 needs only libbitsandbytes_cuda13x.so.
 #   bash benchmarks/slim_wheels.sh [.whl]
 set -euo pipefail

@@ -91,7 +91,7 @@ def check_columns(records: Records, cfg: DataConfig) -> None:
             fixes.append(f"data.columns.{role}={close[0] if close else '<one of them>'}")
     if missing:
         hint = (" or, for chat data, give each record a 'messages' list (data.format=messages)"
-                if records.unit != "line" or records.path.suffix != ".csv" else "")
+                if records.path.suffix.lower() not in (".csv", ".tsv") else "")
         raise DataError(f"{records.path}: {'; '.join(missing)}; the columns are {records.fields}; "
                         f"set {' '.join(fixes)}{hint}")
 
