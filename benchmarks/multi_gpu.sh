@@ -24,8 +24,8 @@
 # and host time, and the Python call sites where the host may wait for the GPU).
 # Random-init Gemma 3 270M architecture (ARCH=1b or 4b for the speed parts), realistic-length rows, unsloth's block
 # compile off (UNSLOTH_COMPILE_DISABLE=1: the comparison is between GPU counts, not compile states). Results under $OUT;
-# SAVE_COMPILE_CACHE=1 also returns the Triton kernels compiled here (carried as .gpu_assets/compile_cache_triton.tar.xz,
-# gpu_setup.sh unpacks them).
+# SAVE_COMPILE_CACHE=1 also packs the Triton kernels compiled here ($OUT/compile_cache_triton.tar.xz; put it in COMPILE_CACHE_DIR,
+# which gpu_setup.sh unpacks).
 #   PARTS=resume bash benchmarks/multi_gpu.sh
 set -o pipefail
 source benchmarks/gpu_setup.sh

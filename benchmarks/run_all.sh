@@ -5,7 +5,7 @@
 #   bash benchmarks/run_all.sh 270m 25      (arch, optimizer steps; the first WARMUP steps are not timed)
 # CASES, CASE_TIMEOUT (s per case), DEADLINE (s for the whole script: later cases get what is left) and
 # KEEP_COMPILE_CACHE=1 (do not empty it first) and SAVE_COMPILE_CACHE=1 (pack it into $OUT/compile_cache_ARCH.tar.xz,
-# to carry into a later call as .gpu_assets/: see gpu_setup.sh) are read from the environment.
+# for a later machine to start warm from COMPILE_CACHE_DIR: see gpu_setup.sh) are read from the environment.
 set -o pipefail
 source benchmarks/gpu_setup.sh
 arch=${1:-270m}; steps=${2:-25}
