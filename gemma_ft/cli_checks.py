@@ -14,10 +14,11 @@ from pathlib import Path
 from gemma_ft.config import Config
 from gemma_ft.errors import ConfigError
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+# Inside the package, so a wheel install finds them; the repository's top-level conf/ links here.
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
-def schema_keys(schema=Config, prefix: str = "") -> set[str]:
+def schema_keys(schema: type = Config, prefix: str = "") -> set[str]:
     """Every dotted key of the typed config, e.g. "optim.weight_decay", "data.columns.user"."""
     keys = set()
     for name, kind in typing.get_type_hints(schema).items():
@@ -31,17 +32,37 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
-def check_overrides(args: list[str]) -> None:
-    """Raise ConfigError (one line) for the first wrong key, group option or value among the overrides."""
+def parse_overrides(overrides: list[str]) -> list:
+    """Hydra's parse of key=value overrides; its grammar errors become one ConfigError line."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    try:
+        return OverridesParser.create().parse_overrides(overrides)
+    except Exception as exc:  # Hydra's grammar errors
+        raise ConfigError(f"cannot parse the overrides: {str(exc).splitlines()[0]}") from None
+
+
+def unknown_key_error(key: str, keys: set[str], listing: str) -> ConfigError:
+    """The error for a key no schema has: the closest valid key, or where to find the list."""
+    close = difflib.get_close_matches(key, sorted(keys), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}?" if close else f"see {listing} for the keys"
+    return ConfigError(f"unknown config key {key!r}; {hint}")
+
+
+def composition_error(exc: Exception) -> str:
+    """Hydra's composition error on one line, led by the key it names."""
+    cause = exc.__cause__ or exc
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    where = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("full_key:")), "")
+    return f"{where + ': ' if where else ''}{lines[0] if lines else cause}"
+
+
+def check_overrides(args: list[str]) -> None:
+    """Raise ConfigError (one line) for the first wrong key, group option or value among the overrides."""
     if any(a in ("-sc", "--shell-completion") or a.startswith("--shell-completion=") for a in args):
         return  # its "install=bash" argument is not a config override
     overrides = [a for a in args if "=" in a and not a.startswith("-")]
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except Exception as exc:  # Hydra's grammar errors
-        raise ConfigError(f"cannot parse the overrides: {str(exc).splitlines()[0]}") from None
+    parsed = parse_overrides(overrides)
     keys = schema_keys()
     sweeping = False
     for override in parsed:
@@ -56,9 +77,7 @@ def check_overrides(args: list[str]) -> None:
                 if str(value) not in options:
                     raise ConfigError(f"{key}={value} is not an option of group {key!r}; choose one of {options}")
         elif key not in keys:
-            close = difflib.get_close_matches(key, sorted(keys), n=1, cutoff=0.6)
-            hint = f"did you mean {close[0]}?" if close else "run `python -m gemma_ft --cfg job` to list the keys"
-            raise ConfigError(f"unknown config key {key!r}; {hint}")
+            raise unknown_key_error(key, keys, "`python -m gemma_ft --cfg job`")
     if not sweeping:
         _check_values(overrides)
 
@@ -76,10 +95,7 @@ def _check_values(overrides: list[str]) -> None:
         try:
             cfg = compose(config_name="config", overrides=overrides)
         except ConfigCompositionException as exc:
-            cause = exc.__cause__ or exc
-            lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
-            where = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("full_key:")), "")
-            raise ConfigError(f"{where + ': ' if where else ''}{lines[0] if lines else cause}") from None
+            raise ConfigError(composition_error(exc)) from None
     typed = to_typed(cfg)
     validate(typed)
     from gemma_ft.run_dir import check_run_dir_location, plan_run

@@ -22,6 +22,9 @@ class ModelConfig:
     full_finetuning: bool = False
     # null lets unsloth choose (bf16 where the hardware has it).
     dtype: Optional[str] = None
+    # An instruction-tuned model already ends its replies with <end_of_turn>; conf/lora/default.yaml trains the
+    # output head only for a base model, which must learn to.
+    instruction_tuned: bool = False
 
 
 @dataclass
@@ -155,6 +158,8 @@ def register_configs() -> None:
     """Register the schemas and resolvers; idempotent, so tests and the CLI can both call it."""
     # conf/config.yaml names the run dir outputs/<run.name> when a name is given, else by date and time.
     OmegaConf.register_new_resolver("named_or", lambda name, default: name or default, replace=True)
+    # conf/lora/default.yaml: train_lm_head follows from model.instruction_tuned.
+    OmegaConf.register_new_resolver("not", lambda value: not value, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     for group, schema in GROUP_SCHEMAS.items():

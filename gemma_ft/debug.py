@@ -39,7 +39,7 @@ class MemoryStats:
             print(f"CPU run. Peak RSS so far = {peak_rss_gib():.3f} GB.")
 
     def finish(self) -> dict:
-        """Print the after-training report (when verbose) and return runtime and peak memory."""
+        """Print the after-training report (when verbose) and return the training time and peak memory."""
         import torch
 
         runtime = time.perf_counter() - self.started_at
@@ -48,19 +48,17 @@ class MemoryStats:
             peak = torch.cuda.max_memory_reserved() / 2**30
             used_for_training = peak - self.start_reserved_gib
             if self.verbose:
-                print(f"{runtime:.1f} seconds used for training.")
-                print(f"{runtime / 60:.2f} minutes used for training.")
+                print(f"Training took {runtime:.1f} s.")
                 print(f"Peak reserved memory = {peak:.3f} GB.")
                 print(f"Peak reserved memory for training = {used_for_training:.3f} GB.")
                 print(f"Peak reserved memory % of max memory = {100 * peak / total:.3f} %.")
                 print(f"Peak reserved memory for training % of max memory = {100 * used_for_training / total:.3f} %.")
-            return {"runtime_s": runtime, "peak_memory_gib": peak, "device": torch.cuda.get_device_name(0)}
+            return {"train_runtime_s": runtime, "peak_memory_gib": peak, "device": torch.cuda.get_device_name(0)}
         peak = peak_rss_gib()
         if self.verbose:
-            print(f"{runtime:.1f} seconds used for training.")
-            print(f"{runtime / 60:.2f} minutes used for training.")
+            print(f"Training took {runtime:.1f} s.")
             print(f"Peak process memory (RSS) = {peak:.3f} GB.")
-        return {"runtime_s": runtime, "peak_memory_gib": peak, "device": "cpu"}
+        return {"train_runtime_s": runtime, "peak_memory_gib": peak, "device": "cpu"}
 
 
 def show_example(rows, tokenizer, conversations, index: int) -> None:

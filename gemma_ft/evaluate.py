@@ -1,6 +1,6 @@
-"""Evaluate a finished run on any CSV: `python -m gemma_ft.evaluate run=outputs/<run> file=test.csv`.
+"""Evaluate a finished run on a data file: `python -m gemma_ft.evaluate run=outputs/<run> file=test.csv`.
 
-Uses the run's column mapping and chat template; reports the loss on the assistant's replies (token-weighted
+Reads any format training reads (CSV, JSONL, Parquet, ...), with the run's column mapping and chat template; reports the loss on the assistant's replies (token-weighted
 mean, the same masking as training) and the exact match of greedy answers; writes <run>/eval_<file stem>.json.
 """
 
@@ -16,7 +16,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from gemma_ft.cli_checks import CONF_DIR
+from gemma_ft.commands import data_file_problems, guard_command
 from gemma_ft.errors import UserError, fail
+
+PROGRAM = "gemma_ft.evaluate"
 
 
 @dataclass
@@ -74,14 +77,27 @@ def evaluate_run(run_dir: str | Path, file: str, max_new_tokens: int = 64, batch
     return result
 
 
+def evaluate_problems(cfg: EvaluateConfig) -> list[str]:
+    found = data_file_problems("file", cfg.file)
+    for key in ("max_new_tokens", "batch_size"):
+        if getattr(cfg, key) <= 0:
+            found.append(f"{key}={getattr(cfg, key)} must be > 0")
+    return found
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
 def main(cfg) -> None:
     cfg = OmegaConf.to_object(cfg)
     try:
         evaluate_run(cfg.run, cfg.file, cfg.max_new_tokens, cfg.batch_size)
     except UserError as exc:
-        fail("gemma_ft.evaluate", str(exc))
+        fail(PROGRAM, str(exc))
+
+
+def cli() -> None:
+    guard_command(PROGRAM, "evaluate", EvaluateConfig, __doc__, required=("run", "file"), problems=evaluate_problems)
+    main()
 
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -17,7 +17,12 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from gemma_ft.cli_checks import CONF_DIR
+from gemma_ft.commands import guard_command
 from gemma_ft.errors import UserError, fail
+
+PROGRAM = "gemma_ft.export"
+FORMATS = ("merged", "gguf")
+MERGED_DTYPES = ("bfloat16", "float16", "float32")
 
 
 @dataclass
@@ -75,11 +80,9 @@ def export_merged(run_dir: str | Path, output: str | None = None, dtype: str = "
 def export_gguf(run_dir: str | Path, output: str | None = None, gguf_type: str = "q8_0") -> Path:
     """<output>/<name>-<type>.gguf and an Ollama Modelfile beside it; returns the GGUF file."""
     from gemma_ft.finished_run import load_finished_run
-    from gemma_ft.gguf_export import GGUF_TYPES, attention_pattern_warning, ollama_modelfile, write_gguf
+    from gemma_ft.gguf_export import attention_pattern_warning, ollama_modelfile, write_gguf
     from gemma_ft.generate import SamplingConfig
 
-    if gguf_type not in GGUF_TYPES:
-        raise UserError(f"gguf.type={gguf_type!r} must be one of {', '.join(GGUF_TYPES)}")
     run = load_finished_run(run_dir, merged=True)
     folder = Path(output or "gguf")
     folder = folder if folder.is_absolute() else run.run_dir / folder
@@ -100,9 +103,20 @@ def export_gguf(run_dir: str | Path, output: str | None = None, gguf_type: str =
 def export(cfg: ExportConfig) -> Path:
     if cfg.format == "merged":
         return export_merged(cfg.run, cfg.output, cfg.dtype)
-    if cfg.format == "gguf":
-        return export_gguf(cfg.run, cfg.output, cfg.gguf.type)
-    raise UserError(f"format={cfg.format!r} must be merged or gguf")
+    return export_gguf(cfg.run, cfg.output, cfg.gguf.type)
+
+
+def export_problems(cfg: ExportConfig) -> list[str]:
+    from gemma_ft.gguf_export import GGUF_TYPES
+
+    found = []
+    if cfg.format not in FORMATS:
+        found.append(f"format={cfg.format!r} must be one of {', '.join(FORMATS)}")
+    if cfg.dtype not in MERGED_DTYPES:
+        found.append(f"dtype={cfg.dtype!r} must be one of {', '.join(MERGED_DTYPES)}")
+    if cfg.gguf.type not in GGUF_TYPES:
+        found.append(f"gguf.type={cfg.gguf.type!r} must be one of {', '.join(GGUF_TYPES)}")
+    return found
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="export")
@@ -111,8 +125,13 @@ def main(cfg) -> None:
     try:
         export(cfg)
     except UserError as exc:
-        fail("gemma_ft.export", str(exc))
+        fail(PROGRAM, str(exc))
+
+
+def cli() -> None:
+    guard_command(PROGRAM, "export", ExportConfig, __doc__, problems=export_problems)
+    main()
 
 
 if __name__ == "__main__":
-    main()
+    cli()

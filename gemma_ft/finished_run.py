@@ -25,14 +25,13 @@ class FinishedRun:
 
 def run_config(run_dir: Path) -> Config:
     """The typed config a run trained with (the runner saved it as config.yaml)."""
-    from gemma_ft.pipeline import RUN_CONFIG
+    from gemma_ft.commands import finished_run_problem
+    from gemma_ft.run_dir import RUN_CONFIG
 
+    problem = finished_run_problem(run_dir)
+    if problem:
+        raise ConfigError(problem)
     saved = run_dir / RUN_CONFIG
-    if not (run_dir / "adapter" / "adapter_config.json").is_file():
-        raise ConfigError(f"run={run_dir} has no adapter/: point run at a finished gemma_ft run directory "
-                          "(outputs/<date>/<time> or outputs/<run.name>)")
-    if not saved.is_file():
-        raise ConfigError(f"run={run_dir} has no {RUN_CONFIG}; it was not made by gemma_ft")
     register_configs()
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(saved)))
 

@@ -19,7 +19,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from gemma_ft.cli_checks import CONF_DIR
+from gemma_ft.commands import data_file_problems, guard_command
 from gemma_ft.errors import UserError, fail
+
+PROGRAM = "gemma_ft.generate"
 
 
 @dataclass
@@ -155,16 +158,16 @@ def sampling_problems(cfg: GenerateConfig) -> list[str]:
         found.append(f"sampling.top_k={s.top_k} must be >= 0 (0: no top-k cut)")
     if cfg.batch_size <= 0:
         found.append(f"batch_size={cfg.batch_size} must be > 0")
+    if cfg.prompt is not None and cfg.file is not None:
+        found.append("give prompt= or file=, not both")
+    if cfg.file is not None:
+        found += data_file_problems("file", cfg.file)
     return found
 
 
 def generate(cfg: GenerateConfig) -> None:
-    from gemma_ft.errors import ConfigError
     from gemma_ft.finished_run import load_finished_run
 
-    problems = sampling_problems(cfg)
-    if problems:  # before the run's model loads
-        raise ConfigError("; ".join(problems))
     run = load_finished_run(cfg.run)
     system_prompt = cfg.system_prompt if cfg.system_prompt is not None else run.cfg.data.system_prompt
     if cfg.prompt is not None:
@@ -180,8 +183,13 @@ def main(cfg) -> None:
     try:
         generate(OmegaConf.to_object(cfg))
     except UserError as exc:
-        fail("gemma_ft.generate", str(exc))
+        fail(PROGRAM, str(exc))
+
+
+def cli() -> None:
+    guard_command(PROGRAM, "generate", GenerateConfig, __doc__, problems=sampling_problems)
+    main()
 
 
 if __name__ == "__main__":
-    main()
+    cli()

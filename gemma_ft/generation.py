@@ -11,9 +11,11 @@ def stop_token_ids(tokenizer) -> list[int]:
 
 
 def generate_replies(model, tokenizer, conversations: list[Conversation], max_new_tokens: int,
-                     batch_size: int = 8, sampling: dict | None = None) -> list[str]:
-    """Replies to the conversations' prompts: greedy by default, or with `sampling` generate() arguments."""
+                     batch_size: int = 8, sampling: dict | None = None, progress: str | None = None) -> list[str]:
+    """Replies to the conversations' prompts: greedy by default, or with `sampling` generate() arguments.
+    `progress` names a progress bar of the rows answered (none without it)."""
     import torch
+    from tqdm import tqdm
 
     if not conversations:
         return []
@@ -26,6 +28,7 @@ def generate_replies(model, tokenizer, conversations: list[Conversation], max_ne
     tokenizer.padding_side = "left"  # generation continues from the right end of every row
     was_training = model.training
     model.eval()
+    bar = tqdm(total=len(prompts), desc=progress, unit="row", disable=progress is None)
     try:
         for start in range(0, len(prompts), batch_size):
             batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True).to(model.device)
@@ -33,13 +36,16 @@ def generate_replies(model, tokenizer, conversations: list[Conversation], max_ne
                 out = model.generate(**batch, **settings)
             new_tokens = out[:, batch["input_ids"].shape[1]:]
             replies.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+            bar.update(len(new_tokens))
     finally:
+        bar.close()
         tokenizer.padding_side = padding_side
         model.train(was_training)
     return [reply.strip() for reply in replies]
 
 
-def base_model_replies(model, tokenizer, conversations: list[Conversation], max_new_tokens: int) -> list[str]:
+def base_model_replies(model, tokenizer, conversations: list[Conversation], max_new_tokens: int,
+                       progress: str | None = None) -> list[str]:
     """The untrained model's greedy replies, from a LoRA model after training: generated with the adapters off.
 
     LoRA starts as a no-op (its B matrices are zero), so these are the replies before training. Generating them
@@ -47,7 +53,7 @@ def base_model_replies(model, tokenizer, conversations: list[Conversation], max_
     cache: on an H200, steps 1-2 took 71 + 67 s after a generation, 12 + 12 s without one.
     """
     with model.disable_adapter():
-        return generate_replies(model, tokenizer, conversations, max_new_tokens)
+        return generate_replies(model, tokenizer, conversations, max_new_tokens, progress=progress)
 
 
 def exact_match(replies: list[str], conversations: list[Conversation]) -> float:

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from omegaconf import OmegaConf
 from gemma_ft.compile_cache import import_unsloth_with_persistent_compile_cache
 from gemma_ft.config import Config, to_typed
 from gemma_ft.data.conversations import (
+    BUILTIN_PREFIX,
     Split,
     apply_control_token_policy,
     load_conversations,
@@ -33,11 +35,10 @@ from gemma_ft.distributed import (
 )
 from gemma_ft.errors import DataError, UserError
 from gemma_ft.plots import plot_run_losses
-from gemma_ft.run_dir import check_writable, checkpoint_dir, plan_run
+from gemma_ft.run_dir import RUN_CONFIG, check_writable, checkpoint_dir, plan_run
 from gemma_ft.validation import validate
 
 log = logging.getLogger(__name__)
-RUN_CONFIG = "config.yaml"
 
 
 @dataclass
@@ -57,6 +58,7 @@ class Prepared:
     batch_plan: Any  # gemma_ft.batching.BatchPlan
     stop_on_divergence: Any  # gemma_ft.callbacks.StopOnDivergence
     replies_cut_off: dict  # per split: assistant turns of kept rows that max_seq_length cut off entirely
+    schedule: Any  # gemma_ft.training.Schedule: optimizer steps and the epochs of the data they cover
 
 
 class RunDiverged(UserError):
@@ -105,7 +107,7 @@ def prepare(cfg: Any, run_dir: str | Path | None = None) -> Prepared:
     from gemma_ft.chat_template import apply_gemma3_template
     from gemma_ft.data.encoding import encode_conversations
     from gemma_ft.models.loading import add_lora_adapters, load_model, load_tokenizer, resolve_model_path
-    from gemma_ft.training import build_trainer, pad_short_batches_for_flex_attention
+    from gemma_ft.training import build_trainer, pad_short_batches_for_flex_attention, training_schedule
 
     startup.mark("imports")
     model_path = resolve_model_path(cfg.model.name_or_path)
@@ -143,15 +145,22 @@ def prepare(cfg: Any, run_dir: str | Path | None = None) -> Prepared:
     trainer = build_trainer(model, tokenizer, train_rows.dataset(), eval_rows.dataset(), cfg, batch_plan,
                             checkpoint_dir(run_dir), callbacks)
     check_every_rank_read_the_same_rows(cfg.data.path, split)  # the Trainer has started the ranks' process group
+    schedule = training_schedule(trainer)
+    log.info(schedule.describe())
+    if schedule.epochs < 1 and not cfg.data.path.startswith(BUILTIN_PREFIX):
+        log.warning("This run sees only %.0f%% of the training rows of %s: train.max_steps=%d; set "
+                    "train.max_steps=-1 to train for train.num_train_epochs (now %g) instead",
+                    100 * schedule.epochs, cfg.data.path, cfg.train.max_steps, cfg.train.num_train_epochs)
     if not batch_plan.packed:  # packed batches have one fixed shape of their own
         pad_short_batches_for_flex_attention(trainer, model, tokenizer)
     return Prepared(cfg, run_dir, split, tokenizer, model, trainer, dropped, plan.resume_from, stop_on_signal,
                     train_rows, batch_plan, stop_on_divergence,
-                    {"train": train_rows.replies_cut_off, "eval": eval_rows.replies_cut_off})
+                    {"train": train_rows.replies_cut_off, "eval": eval_rows.replies_cut_off}, schedule)
 
 
 def run(cfg: Any, run_dir: str | Path | None = None) -> dict:
     """Fine-tune as `cfg` says; writes the adapter, metrics.json and samples into `run_dir`; returns the metrics."""
+    started_at = time.perf_counter()
     p = prepare(cfg, run_dir)
     cfg, model, tokenizer, trainer = p.cfg, p.model, p.tokenizer, p.trainer
 
@@ -165,8 +174,10 @@ def run(cfg: Any, run_dir: str | Path | None = None) -> dict:
     em_rows = p.split.validation[: cfg.train.exact_match_rows] if main else []
     # With LoRA the untrained model's replies are generated after training, with the adapters switched off (see
     # base_model_replies); full fine-tuning changes the weights themselves, so only it generates them first.
-    replies_before = generate_replies(model, tokenizer, em_rows, cfg.train.max_new_tokens) \
-        if cfg.model.full_finetuning else None
+    em_started = time.perf_counter()
+    replies_before = generate_replies(model, tokenizer, em_rows, cfg.train.max_new_tokens,
+                                      progress="Exact match, before training") if cfg.model.full_finetuning else None
+    em_seconds = time.perf_counter() - em_started
 
     memory = MemoryStats(cfg.debug.verbose)
     memory.start()
@@ -192,9 +203,16 @@ def run(cfg: Any, run_dir: str | Path | None = None) -> dict:
         )
     eval_loss = final_eval_loss(trainer)
 
-    replies_after = generate_replies(model, tokenizer, em_rows, cfg.train.max_new_tokens)
+    em_started = time.perf_counter()
+    replies_after = generate_replies(model, tokenizer, em_rows, cfg.train.max_new_tokens,
+                                     progress="Exact match, fine-tuned")
     if replies_before is None:
-        replies_before = base_model_replies(model, tokenizer, em_rows, cfg.train.max_new_tokens)
+        replies_before = base_model_replies(model, tokenizer, em_rows, cfg.train.max_new_tokens,
+                                            progress="Exact match, base model")
+    em_seconds += time.perf_counter() - em_started
+    if em_rows:
+        log.info("Exact match: %d held-out rows answered before and after training in %.1f s", len(em_rows),
+                 em_seconds)
     metrics = {
         "train_loss": mean_training_loss(trainer.state.log_history),
         "eval_loss": eval_loss,
@@ -212,6 +230,10 @@ def run(cfg: Any, run_dir: str | Path | None = None) -> dict:
         "tokens_per_step": p.batch_plan.tokens_per_step,
         "rows_dropped_too_long": p.rows_dropped_too_long,
         "replies_cut_off": p.replies_cut_off,
+        "epochs": p.schedule.epochs,
+        # The whole job, from its config to its saved outputs (model load, compilation, evaluation and exact
+        # match included); train_runtime_s is the training loop alone.
+        "runtime_s": time.perf_counter() - started_at,
     }
     if main:
         save_outputs(p.run_dir, model, tokenizer, metrics, trainer.state.log_history, em_rows, replies_before,

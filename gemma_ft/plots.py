@@ -37,14 +37,25 @@ def plot_run_losses(log_history: list[dict], path: Path) -> None:
 
 
 def plot_sweep_eval_losses(curves: dict[str, tuple[list[int], list[float]]], path: Path) -> None:
-    """Eval loss against steps, one line per sweep job, labelled by its override values."""
+    """Eval loss against steps, one line per sweep job through every logged evaluation, labelled by its override
+    values. A job evaluated once is a large marker with its value written beside it, not a dot lost on the grid."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    single = 0
     for label, (steps, values) in curves.items():
-        ax.plot(steps, values, marker="o", label=label)
+        if len(steps) == 1:
+            single += 1
+            ax.plot(steps, values, marker="D", markersize=10, linestyle="none", label=f"{label} (one evaluation)")
+            ax.annotate(f"{values[0]:.4f}", (steps[0], values[0]), textcoords="offset points", xytext=(8, 4),
+                        fontsize=8)
+        else:
+            ax.plot(steps, values, marker="o", label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("eval loss")
-    ax.set_title("Eval loss per sweep job")
+    title = "Eval loss per sweep job"
+    if single:
+        title += " (train.eval_steps > 0 gives a curve per job)"
+    ax.set_title(title)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()

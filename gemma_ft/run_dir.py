@@ -19,6 +19,7 @@ from gemma_ft.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+RUN_CONFIG = "config.yaml"  # the typed config the run trained with: what generate, evaluate and export read
 COMPLETE_MARKER = "gemma_ft_complete"
 FINISHED_FILES = ("metrics.json", "adapter")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")

@@ -21,7 +21,9 @@ from gemma_ft.plots import curve, plot_sweep_eval_losses
 
 STATUS_FILE = "status.json"
 METRIC_COLUMNS = ["final_eval_loss", "best_eval_loss", "final_train_loss", "exact_match_after", "runtime_s",
-                  "peak_memory_gib"]
+                  "train_runtime_s", "peak_memory_gib"]
+# Losses are shown to 4 decimals: jobs equal at that precision are a tie, never one arbitrary "best".
+LOSS_DECIMALS = 4
 
 
 def write_status(job_dir: Path, status: str, error: str | None = None) -> None:
@@ -50,6 +52,7 @@ def collect_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
             "final_train_loss": metrics.get("train_loss"),
             "exact_match_after": metrics.get("exact_match_after"),
             "runtime_s": metrics.get("runtime_s"),
+            "train_runtime_s": metrics.get("train_runtime_s"),
             "peak_memory_gib": metrics.get("peak_memory_gib"),
             "eval_curve": evals,
         })
@@ -66,13 +69,12 @@ def summarise(sweep_dir: Path) -> list[dict]:
     """Write summary.csv, summary.md and summary.png into `sweep_dir`; return the rows."""
     jobs = collect_jobs(sweep_dir)
     keys = varying_keys(jobs)
-    finished = [j for j in jobs if j["status"] == "ok" and _number(j["final_eval_loss"])]
-    best = min(finished, key=lambda j: j["final_eval_loss"]) if finished else None
+    marks = best_marks(jobs)
     rows = []
     for job in jobs:
         row = {"job": job["job"], **{k: job["overrides"].get(k, "") for k in keys}}
         row.update({c: job[c] for c in METRIC_COLUMNS})
-        row.update({"status": job["status"], "best": "*" if job is best else "", "error": job["error"]})
+        row.update({"status": job["status"], "best": marks.get(job["job"], ""), "error": job["error"]})
         rows.append(row)
     columns = ["job", *keys, *METRIC_COLUMNS, "status", "best", "error"]
     with (sweep_dir / "summary.csv").open("w", newline="", encoding="utf-8") as handle:
@@ -81,11 +83,22 @@ def summarise(sweep_dir: Path) -> list[dict]:
         writer.writerows(rows)
     markdown = markdown_table(rows, columns)
     (sweep_dir / "summary.md").write_text(
-        f"# Sweep summary\n\n{markdown}\n\n`*` marks the job with the lowest final eval loss.\n", encoding="utf-8")
+        f"# Sweep summary\n\n{markdown}\n\n`*` marks the job with the lowest final eval loss; `tie` marks jobs "
+        f"whose final eval loss equals the lowest to {LOSS_DECIMALS} decimals.\n", encoding="utf-8")
     curves = {", ".join(f"{k}={j['overrides'].get(k, '')}" for k in keys) or j["job"]: j["eval_curve"]
               for j in jobs if j["eval_curve"][0]}
     plot_sweep_eval_losses(curves, sweep_dir / "summary.png")
     return rows
+
+
+def best_marks(jobs: list[dict]) -> dict[str, str]:
+    """job -> "*" for the one finished job with the lowest final eval loss, or "tie" for each of several."""
+    finished = [j for j in jobs if j["status"] == "ok" and _number(j["final_eval_loss"])]
+    if not finished:
+        return {}
+    lowest = round(min(j["final_eval_loss"] for j in finished), LOSS_DECIMALS)
+    best = [j["job"] for j in finished if round(j["final_eval_loss"], LOSS_DECIMALS) == lowest]
+    return {job: "*" if len(best) == 1 else "tie" for job in best}
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from gemma_ft.batching import BatchPlan
@@ -79,6 +81,34 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset, cfg: Config, pl
         args=args,
         callbacks=list(callbacks),
     )
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How many optimizer steps the run takes and how much of the training data they cover."""
+
+    steps: int
+    steps_per_epoch: int
+    batches_per_epoch: int  # packed bins or padded batches, over all devices
+
+    @property
+    def epochs(self) -> float:
+        return self.steps / self.steps_per_epoch
+
+    def describe(self) -> str:
+        return (f"Training: {self.steps} steps = {self.epochs:.2f} epochs of the training data "
+                f"({self.steps_per_epoch} steps an epoch)")
+
+
+def training_schedule(trainer) -> Schedule:
+    """The trainer's own arithmetic: a step is gradient_accumulation_steps batches on every device at once, and
+    max_steps=-1 trains for num_train_epochs."""
+    args = trainer.args
+    batches = math.ceil(len(trainer.train_dataset) / args.per_device_train_batch_size)
+    per_device = math.ceil(batches / max(args.world_size, 1))
+    steps_per_epoch = max(math.ceil(per_device / args.gradient_accumulation_steps), 1)
+    steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    return Schedule(steps, steps_per_epoch, batches)
 
 
 # transformers' flex attention (unsloth's choice for Gemma 3 on GPUs) works on blocks of 128 tokens, and

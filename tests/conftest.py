@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from gemma_ft.cli_checks import CONF_DIR
 from gemma_ft.config import register_configs, to_typed
 
 
@@ -53,7 +54,6 @@ def pytest_collection_modifyitems(items):
     """The slowest tests first: on 2 workers, a long test that starts last finishes the suite alone."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 # Fast settings for tiny-model runs; tests add what they check.
 TINY = [

@@ -124,17 +124,14 @@ def test_a_run_whose_loss_becomes_nan_stops_at_that_step_and_keeps_its_last_good
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-*")) == ["checkpoint-1"]
 
 
-@pytest.mark.parametrize("key,value", [("max_new_tokens", -5), ("temperature", float("inf")),
-                                       ("temperature", float("nan")), ("temperature", 0.0), ("top_p", 1.5),
-                                       ("top_p", float("nan")), ("top_k", -1)])
+@pytest.mark.parametrize("key,value", [("max_new_tokens", "-5"), ("temperature", "inf"), ("temperature", "nan"),
+                                       ("temperature", "0.0"), ("top_p", "1.5"), ("top_p", "nan"), ("top_k", "-1")])
 def test_a_bad_sampling_value_is_refused_before_the_run_loads(key, value, tmp_path):
-    import dataclasses
-
+    from gemma_ft.commands import check_command_arguments
     from gemma_ft.errors import ConfigError
-    from gemma_ft.generate import GenerateConfig, SamplingConfig, generate
+    from gemma_ft.generate import GenerateConfig, sampling_problems
 
-    cfg = GenerateConfig(run=str(tmp_path / "no-such-run"), prompt="hi",
-                         sampling=dataclasses.replace(SamplingConfig(), **{key: value}))
+    args = [f"run={tmp_path / 'no-such-run'}", "prompt=hi", f"sampling.{key}={value}"]
     with pytest.raises(ConfigError, match=f"sampling.{key}="):
-        generate(cfg)
+        check_command_arguments("generate", GenerateConfig, args, ("run",), sampling_problems)
     assert not (tmp_path / "no-such-run").exists()

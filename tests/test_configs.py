@@ -143,3 +143,19 @@ def test_gpu_only_options_are_refused_on_a_cpu(overrides, key):
 def test_four_bit_full_finetuning_is_refused():
     with pytest.raises(ConfigError, match="load_in_4bit"):
         validate(typed_config(["model.load_in_4bit=true", "model.full_finetuning=true"]))
+
+
+@pytest.mark.parametrize("model, trains_head", [("gemma3_270m", True), ("tiny", True), ("gemma3_270m_it", False),
+                                                ("gemma3_1b_it", False), ("gemma3_4b_it", False),
+                                                ("gemma3_12b_it", False), ("gemma3_27b_it", False)])
+def test_the_output_head_trains_by_default_only_for_a_base_model(model, trains_head):
+    # An instruction-tuned model already ends its replies; the 4B's head alone is ~671M parameters.
+    assert typed_config([f"model={model}"]).lora.train_lm_head is trains_head
+    assert typed_config([f"model={model}", f"lora.train_lm_head={not trains_head}"]).lora.train_lm_head is not trains_head
+
+
+def test_the_configs_ship_inside_the_package_and_the_top_level_conf_is_the_same_folder():
+    import gemma_ft
+
+    assert CONF_DIR == Path(gemma_ft.__file__).resolve().parent / "conf"
+    assert (Path(__file__).resolve().parents[1] / "conf").resolve() == CONF_DIR

@@ -152,23 +152,35 @@ def test_lora_weights_change_and_base_weights_do_not(prepared):
     assert all(("lora_" in n or "modules_to_save" in n) for n in changed_trainable)
 
 
-def test_tiny_run_writes_adapter_metrics_and_samples(tmp_path, tiny_model_dir, capsys):
+def test_tiny_run_writes_adapter_metrics_and_samples(tmp_path, tiny_model_dir, capsys, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="gemma_ft")
     path = write_csv(tmp_path / "d.csv", chess_rows(20))
     run_dir = tmp_path / "run"
     metrics = run(typed_config([*TINY, f"data.path={path}", "data.val_size=4", "train.save_steps=2",
                                 "train.save_total_limit=1", "debug.verbose=true", "debug.show_examples=true",
                                 "debug.example_index=100000"]), run_dir=run_dir)
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     for heading in ("=== Dataset Example ===", "=== Formatted Text ===", "=== Tokenized Input ===",
                     "=== Masked Labels (only assistant responses) ==="):
         assert heading in out
-    assert "Peak process memory (RSS)" in out and "seconds used for training" in out
+    assert "Peak process memory (RSS)" in out and out.count("Training took") == 1
+    # The exact-match phase shows its progress (rows answered) and its time.
+    assert "Exact match, fine-tuned: 100%" in captured.err and "2/2" in captured.err
+    assert "Exact match: 2 held-out rows answered before and after training in" in caplog.text
+    # 16 training rows in batches of 2: 8 steps an epoch, so 4 steps are half of one; a user's file gets a warning.
+    assert "Training: 4 steps = 0.50 epochs of the training data (8 steps an epoch)" in caplog.text
+    assert f"This run sees only 50% of the training rows of {path}" in caplog.text
 
     saved = json.loads((run_dir / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(metrics))
     for key in ("train_loss", "eval_loss", "weight_decay", "max_steps", "runtime_s", "peak_memory_gib", "device",
                 "exact_match_before", "exact_match_after"):
         assert key in saved
+    # runtime_s is the whole job (model load, evaluation, exact match); train_runtime_s the training loop alone.
+    assert saved["runtime_s"] > saved["train_runtime_s"] > 0 and saved["epochs"] == 0.5
     assert saved["device"] == "cpu" and saved["max_steps"] == 4 and saved["weight_decay"] == 0.001
     assert saved["eval_loss"] > 0 and saved["train_loss"] > 0
     samples = json.loads((run_dir / "samples.json").read_text())
@@ -202,3 +214,22 @@ def test_replies_before_training_are_the_untrained_models(tmp_path):
     assert [s["generated_before"] for s in samples] == expected_before
     # Training moved the replies, so the adapters really were off for the "before" ones.
     assert [s["generated_after"] for s in samples] != expected_before
+
+
+@pytest.mark.parametrize("rows, batch, world, accumulation, max_steps, epochs, expected", [
+    (16, 2, 1, 1, 4, 1.0, (4, 8, 0.5)),
+    (17, 2, 1, 1, -1, 2.0, (18, 9, 2.0)),  # a last short batch is a step of its own
+    (16, 2, 2, 2, 6, 1.0, (6, 2, 3.0)),  # two devices, two batches accumulated: 4 batches a device, 2 steps an epoch
+    (3, 1, 1, 1, 60, 1.0, (60, 3, 20.0)),  # packed: 3 bins, one a step
+])
+def test_the_schedule_says_how_many_epochs_the_steps_cover(rows, batch, world, accumulation, max_steps, epochs,
+                                                            expected):
+    from types import SimpleNamespace
+
+    from gemma_ft.training import training_schedule
+
+    trainer = SimpleNamespace(train_dataset=[None] * rows, args=SimpleNamespace(
+        per_device_train_batch_size=batch, world_size=world, gradient_accumulation_steps=accumulation,
+        max_steps=max_steps, num_train_epochs=epochs))
+    schedule = training_schedule(trainer)
+    assert (schedule.steps, schedule.steps_per_epoch, schedule.epochs) == expected
