@@ -85,47 +85,20 @@ class StopOnSignal(TrainerCallback):
         return control
 
 
-class StartupPhases(TrainerCallback):
-    """Where the time to the first training step goes: each phase is marked as it ends, and the first step's end
-    logs them all on one line (imports, model load, patching, trainer set-up, first step)."""
+class ReportStartupAtFirstStep(TrainerCallback):
+    """Marks the trainer's set-up and the first step on the run's StartupClock, then logs where the time went."""
 
-    def __init__(self):
-        import time
-
-        self._clock = time.perf_counter
-        self._last = self._clock()
-        self.phases: dict[str, float] = {"process start": process_age_s()}
-
-    def mark(self, phase: str) -> None:
-        now = self._clock()
-        self.phases[phase] = now - self._last
-        self._last = now
+    def __init__(self, clock):
+        self.clock = clock
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.mark("trainer set-up")
+        self.clock.mark("trainer set-up")
 
     def on_step_end(self, args, state, control, **kwargs):
-        if "first step" not in self.phases:
-            self.mark("first step")
-            total = sum(self.phases.values())
-            detail = ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in self.phases.items())
-            log.info("Time to the first step: %.1f s (%s)", total, detail)
+        if "first step" not in self.clock.phases:
+            self.clock.mark("first step")
+            log.info(self.clock.report())
         return control
-
-
-def process_age_s() -> float:
-    """Seconds since this process started (the interpreter and the imports before the runner), 0.0 where the
-    system does not say."""
-    import os
-
-    try:
-        with open(f"/proc/{os.getpid()}/stat") as handle:
-            start_ticks = int(handle.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/uptime") as handle:
-            uptime = float(handle.read().split()[0])
-        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return 0.0
 
 
 class StopOnDivergence(TrainerCallback):

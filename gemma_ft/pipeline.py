@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from gemma_ft.compile_cache import import_unsloth_with_persistent_compile_cache
 from gemma_ft.config import Config, to_typed
+from gemma_ft.console import quiet_libraries
 from gemma_ft.data.conversations import (
     BUILTIN_PREFIX,
     Split,
@@ -76,9 +77,9 @@ class RunInterrupted(Exception):
 def prepare(cfg: Any, run_dir: str | Path | None = None) -> Prepared:
     """Stages up to a ready trainer: config and data checks -> tokenizer -> chat template -> control tokens ->
     response-only labels -> model -> batch plan -> LoRA -> SFTTrainer (padded or packed batches)."""
-    from gemma_ft.callbacks import StartupPhases
+    from gemma_ft.startup import StartupClock
 
-    startup = StartupPhases()
+    startup = StartupClock()
     cfg: Config = to_typed(cfg)
     # Cheap checks first: a bad value or a bad CSV must cost seconds, not a model load.
     validate(cfg)
@@ -94,6 +95,7 @@ def prepare(cfg: Any, run_dir: str | Path | None = None) -> Prepared:
 
     startup.mark("config and data checks")
     use_local_gpu()
+    quiet_libraries(cfg.debug.verbose)
     import_unsloth_with_persistent_compile_cache()
     if keep_unsloth_checkpointing_under_ddp():
         log.info("Several GPUs: unsloth's offloaded gradient checkpointing kept (its DDP default is slower)")
@@ -103,12 +105,22 @@ def prepare(cfg: Any, run_dir: str | Path | None = None) -> Prepared:
     import datasets
 
     from gemma_ft.batching import plan_batching
-    from gemma_ft.callbacks import LogEveryFinalStep, MarkCheckpointComplete, StopOnDivergence, StopOnSignal
+    from gemma_ft.callbacks import (
+        LogEveryFinalStep,
+        MarkCheckpointComplete,
+        ReportStartupAtFirstStep,
+        StopOnDivergence,
+        StopOnSignal,
+    )
     from gemma_ft.chat_template import apply_gemma3_template
     from gemma_ft.data.encoding import encode_conversations
     from gemma_ft.models.loading import add_lora_adapters, load_model, load_tokenizer, resolve_model_path
+    from transformers.trainer_callback import ProgressCallback
+
+    from gemma_ft.console import progress_callback, quiet_library_progress
     from gemma_ft.training import build_trainer, pad_short_batches_for_flex_attention, training_schedule
 
+    quiet_library_progress(cfg.debug.verbose)
     startup.mark("imports")
     model_path = resolve_model_path(cfg.model.name_or_path)
     check_writable(run_dir, needed_bytes=checkpoint_size_estimate(cfg, model_path))
@@ -116,6 +128,7 @@ def prepare(cfg: Any, run_dir: str | Path | None = None) -> Prepared:
         shutil.rmtree(checkpoint_dir(run_dir), ignore_errors=True)
     # The template is set and checked before anything renders text, so a wrong template cannot train silently.
     tokenizer = apply_gemma3_template(load_tokenizer(model_path))
+    log.info("Chat template: Gemma 3, checked on a probe conversation (turn markers are single tokens, one BOS)")
     # The control tokens are the tokenizer's own, so the check comes once it is loaded (before the model).
     conversations = apply_control_token_policy(conversations, tokenizer, cfg.data.control_tokens, cfg.data.path)
     # Split again: escaping or stripping changes the rows' text, not their number, so the seed holds out the rows
@@ -127,6 +140,7 @@ def prepare(cfg: Any, run_dir: str | Path | None = None) -> Prepared:
     dropped = report_rows_dropped_too_long(train_rows, eval_rows, cfg.train.max_seq_length)
     startup.mark("tokenizer and labels")
     model = load_model(cfg.model, model_path, cfg.train.max_seq_length)
+    log.info("Model: %s, %s parameters, %s", model_path, f"{model.num_parameters():,}", model.dtype)
     startup.mark("model load")
     # The batch shape and checkpointing follow from the model's size and the memory it leaves free.
     batch_plan = plan_batching(cfg.train, cfg.lora.use_gradient_checkpointing, model.config.get_text_config(),
@@ -135,16 +149,22 @@ def prepare(cfg: Any, run_dir: str | Path | None = None) -> Prepared:
     model = add_lora_adapters(model, cfg.lora, cfg.train.seed, batch_plan.gradient_checkpointing)
     if plan.resume_from is not None:
         load_adapters_on_own_gpu(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("LoRA: r=%d on %s%s; %s trainable parameters", cfg.lora.r, ", ".join(cfg.lora.target_modules),
+             " and the output head" if cfg.lora.train_lm_head else "", f"{trainable:,}")
     startup.mark("LoRA patching")
 
     # The data lives in memory; caching it on disk would only cost time.
     datasets.disable_caching()
     stop_on_signal = StopOnSignal()
     stop_on_divergence = StopOnDivergence()
-    callbacks = [MarkCheckpointComplete(), LogEveryFinalStep(), stop_on_signal, stop_on_divergence, startup]
+    callbacks = [MarkCheckpointComplete(), LogEveryFinalStep(), stop_on_signal, stop_on_divergence,
+                 ReportStartupAtFirstStep(startup)]
     trainer = build_trainer(model, tokenizer, train_rows.dataset(), eval_rows.dataset(), cfg, batch_plan,
                             checkpoint_dir(run_dir), callbacks)
     check_every_rank_read_the_same_rows(cfg.data.path, split)  # the Trainer has started the ranks' process group
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(progress_callback(cfg.debug.verbose))
     schedule = training_schedule(trainer)
     log.info(schedule.describe())
     if schedule.epochs < 1 and not cfg.data.path.startswith(BUILTIN_PREFIX):
@@ -239,8 +259,10 @@ def run(cfg: Any, run_dir: str | Path | None = None) -> dict:
         save_outputs(p.run_dir, model, tokenizer, metrics, trainer.state.log_history, em_rows, replies_before,
                      replies_after)
     wait_for_everyone()  # no rank reports done before the adapter is saved
-    log.info("Done: eval_loss=%.4f, exact match %.3f -> %.3f; outputs in %s", metrics["eval_loss"],
-             metrics["exact_match_before"], metrics["exact_match_after"], p.run_dir)
+    log.info("Done in %.0f s (training %.0f s): train_loss=%.4f, eval_loss=%.4f, exact match %.3f -> %.3f on %d "
+             "held-out rows; outputs in %s", metrics["runtime_s"], metrics["train_runtime_s"], metrics["train_loss"],
+             metrics["eval_loss"], metrics["exact_match_before"], metrics["exact_match_after"], len(em_rows),
+             p.run_dir)
     return metrics
 
 

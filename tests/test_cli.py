@@ -47,6 +47,14 @@ def test_cli_run_with_relative_data_path_and_override(tmp_path):
     assert metrics["weight_decay"] == 0.01
     run_dir = metrics_file.parent
     assert (run_dir / ".hydra" / "config.yaml").exists() and (run_dir / "adapter" / "adapter_config.json").exists()
+    # A quiet console: a line per stage, our bars, the result; no library progress bars, info logs or dict logs.
+    console = result.stdout + result.stderr
+    for stage in ("Data: 12 rows", "Chat template: Gemma 3", "Model: ", "LoRA: r=16", "Training: 4 steps", "Done in"):
+        assert stage in result.stdout
+    for noise in ("Truncating", "Dropping fully masked", "Map", "Loading weights", "{'loss'", "tie_word_embeddings",
+                  "Disabling Tensorflow", "[INFO]"):
+        assert noise not in console
+    assert "[INFO]" in (run_dir / "gemma_ft.log").read_text()  # the log file keeps times and sources
 
 
 def test_an_error_line_reaches_stderr_in_one_write_so_ranks_sharing_stderr_do_not_run_lines_together(monkeypatch):
