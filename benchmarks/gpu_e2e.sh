@@ -1,11 +1,11 @@
 # The pipeline end to end on a GPU, `python -m gemma_ft` as a user runs it (debug.verbose prints GPU memory);
-# logs and metrics under $OUT. Run after `run_all.sh 270m` on the same machine (or carry its compile cache, see
+# logs and metrics under $OUT. Run after `run_all.sh 270m` on the same machine (or copy its compile cache over, see
 # gpu_setup.sh) to find the 270M compile cache warm.
 #   bash benchmarks/gpu_e2e.sh
 # PARTS (default "g270m_16bit g270m_qlora_adamw8bit tiny_16bit") picks the runs, in that order:
 #   g270m_16bit            16-bit LoRA on the random-init Gemma 3 270M architecture (the benchmark's rows)
 #   g270m_16bit_no_em      the same without the exact-match generation (it showed that generating before
-#                          training cost the warm start: benchmarks/results/2026-11-27)
+#                          training cost the warm start: benchmarks/results/2026-11-27-h200-padded-throughput/)
 #   g270m_qlora_adamw8bit  4-bit QLoRA on the 270M architecture with the seed notebook's adamw_8bit
 #   tiny_16bit             the tiny model with its shipped data
 # DEADLINE (s for the whole script, default 560); each run gets what is left, up to RUN_CAP (default 240) s.

@@ -2,7 +2,7 @@
 # first megabatch (50 batches, longest first), where the shortest batch is followed by the next megabatch's longest.
 # Measured on an H200 (2026-11-27): before gemma_ft padded batches beyond one flex-attention block (129 tokens), step 50 (padded to 127
 # tokens) took 58 s with gemma_ft's defaults, and 11 s with the block compile off, after which every step ran ~4x
-# slower (benchmarks/results/2026-11-27-s8/).
+# slower (benchmarks/results/2026-11-27-2xh200-ddp/4-batch16-independent-and-length-grouped/).
 # PARTS (default "plain defaults"), in order, under one DEADLINE (s):
 #   plain     the benchmark's settings (batch 8, unsloth's block compile off)
 #   defaults  gemma_ft's shipped defaults (batch 8, unsloth's block compile on)

@@ -51,7 +51,7 @@ def keep_unsloth_checkpointing_under_ddp() -> bool:
     the PR itself calls the switch a slower stop-gap). gemma_ft trains text models with that search off
     (training.py), so each trainable weight gets its gradient once per step either way. On 2 x H200 the switch
     cost 0.08 s of host time per (host-bound) step; keeping unsloth's checkpointing took the two-GPU speed-up from
-    1.39x to 1.87x (benchmarks/results/2026-11-27-s5). Returns whether unsloth's choice was overridden.
+    1.39x to 1.87x (benchmarks/results/2026-11-27-2xh200-ddp/, docs/multi-gpu.md). Returns whether unsloth's choice was overridden.
     """
     if not _ranks_on_gpus():  # unsloth's CPU backend checkpoints the stock way, with or without this
         return False
