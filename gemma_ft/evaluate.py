@@ -58,7 +58,7 @@ def masked_loss(model, tokenizer, conversations, max_seq_length: int) -> float:
 def evaluate_run(run_dir: str | Path, file: str, max_new_tokens: int = 64, batch_size: int = 8) -> dict:
     from gemma_ft.data.conversations import apply_control_token_policy, load_conversations
     from gemma_ft.finished_run import load_finished_run
-    from gemma_ft.generation import exact_match, generate_replies
+    from gemma_ft.replies import exact_match, generate_replies
 
     run = load_finished_run(run_dir)
     conversations = load_conversations(dataclasses.replace(run.cfg.data, path=file))

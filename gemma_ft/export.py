@@ -21,6 +21,8 @@ from gemma_ft.commands import guard_command
 from gemma_ft.errors import UserError, fail
 
 PROGRAM = "gemma_ft.export"
+# Written into every folder an export creates: only a folder holding it may ever be replaced (with overwrite=true).
+EXPORT_MARKER = ".gemma_ft_export"
 FORMATS = ("merged", "gguf")
 MERGED_DTYPES = ("bfloat16", "float16", "float32")
 
@@ -37,6 +39,7 @@ class ExportConfig:
     output: Optional[str] = None  # folder inside the run directory (or an absolute path); null: "merged" or "gguf"
     dtype: str = "bfloat16"  # merged: bfloat16 | float16 | float32
     gguf: GGUFConfig = field(default_factory=lambda: GGUFConfig())
+    overwrite: bool = False  # replace this command's own earlier export in the same folder
 
 
 ConfigStore.instance().store(name="export_schema", node=ExportConfig)
@@ -58,11 +61,10 @@ def export_merged(run_dir: str | Path, output: str | None = None, dtype: str = "
     import torch
 
     from gemma_ft.finished_run import load_finished_run
-    from gemma_ft.generation import stop_token_ids
+    from gemma_ft.replies import stop_token_ids
 
     run = load_finished_run(run_dir, merged=True)
-    target = Path(output or "merged")
-    target = target if target.is_absolute() else run.run_dir / target
+    target = export_target(run.run_dir, output, "merged")
     model = merged_model(run).to(getattr(torch, dtype))
     # <eos> and <end_of_turn>, as Google's Gemma 3 instruct configs list them: plain transformers, vLLM and others
     # then stop at the end of the reply.
@@ -71,7 +73,9 @@ def export_merged(run_dir: str | Path, output: str | None = None, dtype: str = "
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(str(staging), safe_serialization=True)
     run.tokenizer.save_pretrained(str(staging))
-    shutil.rmtree(target, ignore_errors=True)
+    (staging / EXPORT_MARKER).write_text("merged\n")
+    if target.exists():  # only an earlier export of ours gets here (export_problems), and only with overwrite=true
+        shutil.rmtree(target)
     staging.rename(target)
     print(f"Merged {dtype} model written to {target}")
     return target
@@ -84,9 +88,9 @@ def export_gguf(run_dir: str | Path, output: str | None = None, gguf_type: str =
     from gemma_ft.generate import SamplingConfig
 
     run = load_finished_run(run_dir, merged=True)
-    folder = Path(output or "gguf")
-    folder = folder if folder.is_absolute() else run.run_dir / folder
+    folder = export_target(run.run_dir, output, "gguf")
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / EXPORT_MARKER).write_text("gguf\n")
     name = run.run_dir.name
     warning = attention_pattern_warning(run.model.config.get_text_config())
     if warning:
@@ -101,15 +105,45 @@ def export_gguf(run_dir: str | Path, output: str | None = None, gguf_type: str =
 
 
 def export(cfg: ExportConfig) -> Path:
+    problem = target_problem(cfg)
+    if problem:
+        raise UserError(problem)
     if cfg.format == "merged":
         return export_merged(cfg.run, cfg.output, cfg.dtype)
     return export_gguf(cfg.run, cfg.output, cfg.gguf.type)
+
+
+def export_target(run_dir: Path, output: str | None, default: str) -> Path:
+    """The export's folder: `output` inside the run dir, or an absolute path (or one starting with ~)."""
+    target = Path(output or default).expanduser()
+    return (target if target.is_absolute() else run_dir / target).resolve()
+
+
+def target_problem(cfg: ExportConfig) -> str | None:
+    """Why the export may not write where it is told to: it never deletes or replaces what it did not create."""
+    run_dir = Path(cfg.run).expanduser().resolve()
+    target = export_target(run_dir, cfg.output, cfg.format)
+    key = f"output={cfg.output}" if cfg.output else f"the default output {target}"
+    for protected in (run_dir / "adapter", run_dir / "checkpoints"):
+        if target == protected or protected in target.parents:
+            return f"{key} is inside the run's {protected.name}/, which the export must not touch; choose a new folder"
+    if target == run_dir or target in run_dir.parents:
+        return f"{key} would hold the run directory itself; choose a new folder such as output=merged"
+    if target.exists():
+        if not (target / EXPORT_MARKER).exists():
+            return f"{key} already exists and was not written by gemma_ft.export; choose a new folder"
+        if not cfg.overwrite:
+            return f"{key} holds an earlier export; add overwrite=true to replace it, or choose a new folder"
+    return None
 
 
 def export_problems(cfg: ExportConfig) -> list[str]:
     from gemma_ft.gguf_export import GGUF_TYPES
 
     found = []
+    problem = target_problem(cfg) if cfg.format in FORMATS else None
+    if problem:
+        found.append(problem)
     if cfg.format not in FORMATS:
         found.append(f"format={cfg.format!r} must be one of {', '.join(FORMATS)}")
     if cfg.dtype not in MERGED_DTYPES:

@@ -38,7 +38,12 @@ def run_config(run_dir: Path) -> Config:
 
 def load_finished_run(run_dir: str | Path, merged: bool = False) -> FinishedRun:
     """Base model + adapter (a PeftModel), or with merged=True the adapter folded into the weights."""
-    import unsloth  # noqa: F401  (patches transformers and peft; import first, as the runner does)
+    from gemma_ft.compile_cache import import_unsloth_with_persistent_compile_cache
+    from gemma_ft.console import quiet_libraries, quiet_library_progress
+
+    quiet_libraries(verbose=False)
+    import_unsloth_with_persistent_compile_cache()  # before transformers and peft: it patches them
+    quiet_library_progress(verbose=False)
 
     import torch
     from peft import PeftModel

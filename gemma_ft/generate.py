@@ -51,7 +51,7 @@ ConfigStore.instance().store(name="generate_schema", node=GenerateConfig)
 
 
 def sampling_kwargs(s: SamplingConfig, tokenizer) -> dict:
-    from gemma_ft.generation import stop_token_ids
+    from gemma_ft.replies import stop_token_ids
 
     kwargs = {"max_new_tokens": s.max_new_tokens, "do_sample": s.do_sample, "eos_token_id": stop_token_ids(tokenizer),
               "pad_token_id": tokenizer.pad_token_id}
@@ -111,7 +111,7 @@ def answer_file(run, cfg: GenerateConfig, system_prompt: str | None) -> Path:
 
     from gemma_ft.data.conversations import apply_control_token_policy, conversations_from_records, resolve_data_path
     from gemma_ft.data.readers import read_records
-    from gemma_ft.generation import generate_replies
+    from gemma_ft.replies import generate_replies
 
     data = dataclasses.replace(run.cfg.data, system_prompt=system_prompt)
     path = resolve_data_path(cfg.file)

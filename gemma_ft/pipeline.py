@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,14 @@ from gemma_ft.distributed import (
 )
 from gemma_ft.errors import DataError, UserError
 from gemma_ft.plots import plot_run_losses
-from gemma_ft.run_dir import RUN_CONFIG, check_writable, checkpoint_dir, plan_run
+from gemma_ft.run_dir import (
+    RUN_CONFIG,
+    acquire_run_lock,
+    check_writable,
+    checkpoint_dir,
+    plan_run,
+    release_run_lock,
+)
 from gemma_ft.validation import validate
 
 log = logging.getLogger(__name__)
@@ -74,7 +82,7 @@ class RunInterrupted(Exception):
         self.signal_name = signal_name
 
 
-def prepare(cfg: Any, run_dir: str | Path | None = None) -> Prepared:
+def prepare(cfg: Any, run_dir: str | Path | None = None, cleanup: ExitStack | None = None) -> Prepared:
     """Stages up to a ready trainer: config and data checks -> tokenizer -> chat template -> control tokens ->
     response-only labels -> model -> batch plan -> LoRA -> SFTTrainer (padded or packed batches)."""
     from gemma_ft.startup import StartupClock
@@ -89,7 +97,10 @@ def prepare(cfg: Any, run_dir: str | Path | None = None) -> Prepared:
     run_dir = Path(run_dir or cfg.run.dir or f"outputs/{cfg.run.name or 'run'}").resolve()
     plan = plan_run(cfg.run, run_dir)
     check_writable(run_dir, needed_bytes=0)  # writable now; room is checked once the model's size is known
-    if is_main_process():  # with several GPUs every rank runs this; rank 0 writes the run dir
+    if is_main_process():  # with several GPUs every rank runs this; rank 0 owns and writes the run dir
+        lock = acquire_run_lock(run_dir)
+        if cleanup is not None:
+            cleanup.callback(release_run_lock, lock)
         # The typed config this run trains with: what generate/evaluate/export read back.
         OmegaConf.save(OmegaConf.structured(cfg), run_dir / RUN_CONFIG)
 
@@ -180,12 +191,17 @@ def prepare(cfg: Any, run_dir: str | Path | None = None) -> Prepared:
 
 def run(cfg: Any, run_dir: str | Path | None = None) -> dict:
     """Fine-tune as `cfg` says; writes the adapter, metrics.json and samples into `run_dir`; returns the metrics."""
+    with ExitStack() as cleanup:  # the run dir's lock is released however the run ends
+        return _run(cfg, run_dir, cleanup)
+
+
+def _run(cfg: Any, run_dir: str | Path | None, cleanup: ExitStack) -> dict:
     started_at = time.perf_counter()
-    p = prepare(cfg, run_dir)
+    p = prepare(cfg, run_dir, cleanup)
     cfg, model, tokenizer, trainer = p.cfg, p.model, p.tokenizer, p.trainer
 
-    from gemma_ft.debug import MemoryStats, show_example
-    from gemma_ft.generation import base_model_replies, exact_match, generate_replies
+    from gemma_ft.run_report import MemoryStats, show_example
+    from gemma_ft.replies import base_model_replies, exact_match, generate_replies
 
     main = is_main_process()  # with several GPUs: rank 0 shows, generates and saves; every rank trains and evaluates
     if cfg.debug.show_examples and main:

@@ -6,10 +6,13 @@ finished saving), so a checkpoint cut short by a crash is never resumed from.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import shutil
+import socket
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +24,9 @@ log = logging.getLogger(__name__)
 
 RUN_CONFIG = "config.yaml"  # the typed config the run trained with: what generate, evaluate and export read
 COMPLETE_MARKER = "gemma_ft_complete"
+LOCK_FILE = ".gemma_ft.lock"  # the process that owns the run directory: {"pid", "host", "since"}
+# A lock file still empty this long after its creation was left by a process that died while creating it.
+EMPTY_LOCK_GRACE_S = 10.0
 FINISHED_FILES = ("metrics.json", "adapter")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -139,3 +145,69 @@ def check_writable(run_dir: Path, needed_bytes: int) -> None:
             f"only {free / 2**30:.2f} GiB free in {run_dir}, a checkpoint needs about {needed_bytes / 2**30:.2f} GiB; "
             "free some space or set run.dir to a disk with more room"
         )
+
+
+def acquire_run_lock(run_dir: Path) -> Path:
+    """Make this process the run directory's only owner, or raise ConfigError naming the process that owns it.
+
+    Two runs into one directory would overwrite each other's checkpoints and adapter. A lock left by a process
+    that is gone (on this host) is taken over with a warning; on another host gemma_ft cannot tell, and says so.
+    """
+    lock = run_dir / LOCK_FILE
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _lock_holder(lock)
+            if holder is None:
+                continue  # removed meanwhile, or left empty by a process that died creating it
+            if holder.get("host") == me["host"] and (holder.get("pid") == me["pid"] or not _alive(holder.get("pid"))):
+                if holder.get("pid") != me["pid"]:
+                    log.warning("Taking over %s: the run that held it (pid %s) is gone", lock, holder.get("pid"))
+                lock.unlink(missing_ok=True)
+                continue
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
+            raise ConfigError(
+                f"{run_dir} is in use by another gemma_ft run (pid {holder.get('pid')} on {holder.get('host')}, "
+                f"since {since}); wait for it to end or choose another run.name / run.dir (if that process is gone, "
+                f"delete {lock})"
+            ) from None
+        with os.fdopen(fd, "w") as handle:
+            json.dump({**me, "since": time.time()}, handle)
+        return lock
+    raise ConfigError(f"could not take the lock {lock}: other processes keep creating it; is another run starting?")
+
+
+def release_run_lock(lock: Path) -> None:
+    """Remove the lock if this process still owns it."""
+    holder = _lock_holder(lock)
+    if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+        lock.unlink(missing_ok=True)
+
+
+def _lock_holder(lock: Path) -> dict | None:
+    try:
+        text = lock.read_text()
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        if age > EMPTY_LOCK_GRACE_S:
+            lock.unlink(missing_ok=True)
+            return None
+        return {"pid": None, "host": None, "since": time.time() - age}  # being written: held
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

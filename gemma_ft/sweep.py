@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,25 @@ from gemma_ft.errors import say
 from gemma_ft.plots import curve, plot_sweep_eval_losses
 
 STATUS_FILE = "status.json"
+SWEEP_OWNER = ".gemma_ft_sweep"  # created once, exclusively, by the sweep that owns the folder
 METRIC_COLUMNS = ["final_eval_loss", "best_eval_loss", "final_train_loss", "exact_match_after", "runtime_s",
                   "train_runtime_s", "peak_memory_gib"]
 # Losses are shown to 4 decimals: jobs equal at that precision are a tie, never one arbitrary "best".
 LOSS_DECIMALS = 4
+
+
+def claim_sweep_dir(sweep_dir: Path) -> None:
+    """Own `sweep_dir` or end the command (one line, exit status 2): a second sweep into one folder would replace
+    the first one's jobs (same job numbers) and relabel them in the summary."""
+    from gemma_ft.errors import fail
+
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with (sweep_dir / SWEEP_OWNER).open("x") as handle:
+            handle.write(json.dumps({"pid": os.getpid()}) + "\n")
+    except FileExistsError:
+        fail("gemma_ft", f"hydra.sweep.dir={sweep_dir} already holds a sweep; its jobs would be overwritten: choose "
+                         "another hydra.sweep.dir (or leave it to the default, a new folder per sweep)")
 
 
 def write_status(job_dir: Path, status: str, error: str | None = None) -> None:
@@ -117,7 +133,11 @@ def _number(value) -> bool:
 
 
 class SweepSummary(Callback):
-    """After the last job: the summary files, the table on stdout, and exit status 1 if any job failed."""
+    """Before the first job: the sweep folder must be new to this sweep. After the last job: the summary files, the
+    table on stdout, and exit status 1 if any job failed."""
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        claim_sweep_dir(Path(config.hydra.sweep.dir))
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

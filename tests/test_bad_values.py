@@ -10,7 +10,7 @@ import typing
 import pytest
 
 from gemma_ft.config import Config
-from tests.conftest import TINY, chess_rows, typed_config, write_csv
+from tests.helpers import TINY, chess_rows, typed_config, write_csv
 
 # Free text that any string satisfies; a wrong one is found when it is used (a path that does not exist, a column
 # the CSV lacks: tests/test_data.py, tests/test_environment_errors.py).

@@ -11,7 +11,7 @@ import pytest
 
 from gemma_ft.data.conversations import load_conversations
 from gemma_ft.errors import DataError
-from tests.conftest import typed_config
+from tests.helpers import typed_config
 
 CHATS = [
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi 日本語 😀"},
@@ -163,7 +163,7 @@ def test_control_text_in_an_earlier_turn_is_refused_or_escaped(tmp_path, gemma_t
 
 def test_the_multi_turn_sample_trains_packed_with_examples_shown_per_turn(tmp_path, capsys):
     from gemma_ft.pipeline import run
-    from tests.conftest import TINY
+    from tests.helpers import TINY
 
     metrics = run(typed_config([*TINY, "data=multi_turn_sample", "data.val_size=4", "train.batching=packed",
                                 "train.tokens_per_step=512", "train.max_steps=2", "debug.show_examples=true"]),

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY, chess_rows, write_csv
+from tests.helpers import TINY, chess_rows, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 

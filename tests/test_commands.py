@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,3 +120,56 @@ def test_a_built_wheel_installs_and_trains_the_tiny_model_from_another_directory
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (elsewhere / "outputs" / "from_wheel" / "metrics.json").is_file()
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(folder.rglob("*"))}
+
+
+@pytest.fixture
+def finished_looking_run(tmp_path) -> Path:
+    """A folder with what marks a finished run (the guard checks it before any model loads)."""
+    run_dir = tmp_path / "runs" / "r1"
+    (run_dir / "adapter").mkdir(parents=True)
+    (run_dir / "adapter" / "adapter_config.json").write_text("{}")
+    (run_dir / "config.yaml").write_text("model: {}\n")
+    (run_dir / "metrics.json").write_text("{}")
+    (run_dir / "checkpoints" / "checkpoint-4").mkdir(parents=True)
+    (run_dir / "merged_by_hand").mkdir()
+    (run_dir / "merged_by_hand" / "weights.bin").write_text("mine")
+    (tmp_path / "elsewhere").mkdir()
+    return run_dir
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["output=."], "would hold the run directory itself"),
+    (["output=.."], "would hold the run directory itself"),
+    (["output=adapter"], "inside the run's adapter/"),
+    (["output=checkpoints/checkpoint-4/merged", "format=gguf"], "inside the run's checkpoints/"),
+    (["output=merged_by_hand"], "already exists and was not written by gemma_ft.export"),
+    (["output={elsewhere}"], "already exists and was not written by gemma_ft.export"),
+])
+def test_export_never_deletes_or_replaces_what_it_did_not_create(finished_looking_run, args, expected, tmp_path):
+    before = tree_digest(tmp_path / "runs") | {"elsewhere": str(tree_digest(tmp_path / "elsewhere"))}
+    args = [a.format(elsewhere=tmp_path / "elsewhere") for a in args]
+    result = command("export", f"run={finished_looking_run}", *args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    [line] = error_lines(result)
+    assert expected in line, line
+    assert tree_digest(tmp_path / "runs") | {"elsewhere": str(tree_digest(tmp_path / "elsewhere"))} == before
+
+
+def test_export_replaces_only_its_own_earlier_export_and_only_when_told(finished_looking_run):
+    from gemma_ft.export import EXPORT_MARKER, ExportConfig, target_problem
+
+    run = str(finished_looking_run)
+    assert target_problem(ExportConfig(run=run)) is None  # merged/ does not exist yet
+    (finished_looking_run / "merged").mkdir()
+    (finished_looking_run / "merged" / EXPORT_MARKER).write_text("merged\n")
+    assert "add overwrite=true" in target_problem(ExportConfig(run=run))
+    assert target_problem(ExportConfig(run=run, overwrite=True)) is None
+    assert "not written by gemma_ft.export" in target_problem(ExportConfig(run=run, output="merged_by_hand",
+                                                                           overwrite=True))

@@ -11,7 +11,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 from gemma_ft.config import GROUP_SCHEMAS, Config
 from gemma_ft.errors import ConfigError
 from gemma_ft.validation import validate
-from tests.conftest import CONF_DIR, compose_config, typed_config
+from tests.helpers import CONF_DIR, compose_config, typed_config
 
 ALL_YAML = sorted(CONF_DIR.rglob("*.yaml"))
 # Sweep and launcher presets configure Hydra itself, not a schema group.

@@ -13,7 +13,7 @@ from gemma_ft.data.conversations import (
     split_digest,
 )
 from gemma_ft.errors import DataError
-from tests.conftest import chess_rows, typed_config, write_csv
+from tests.helpers import chess_rows, typed_config, write_csv
 
 
 def data_cfg(path, *overrides):

@@ -13,7 +13,7 @@ import pytest
 
 from gemma_ft.distributed import shared_run_dir_overrides
 from gemma_ft.pipeline import run
-from tests.conftest import TINY, chess_rows, typed_config, write_csv
+from tests.helpers import TINY, chess_rows, typed_config, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4

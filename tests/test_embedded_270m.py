@@ -7,7 +7,7 @@ import json
 import pytest
 
 from gemma_ft.pipeline import run
-from tests.conftest import typed_config
+from tests.helpers import typed_config
 
 
 @pytest.fixture(scope="module")

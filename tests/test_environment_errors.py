@@ -10,7 +10,7 @@ import pytest
 from gemma_ft.errors import ConfigError
 from gemma_ft.models.loading import resolve_model_path
 from gemma_ft.pipeline import prepare
-from tests.conftest import TINY, chess_rows, typed_config, write_csv
+from tests.helpers import TINY, chess_rows, typed_config, write_csv
 
 
 def test_model_path_that_does_not_exist(tmp_path):

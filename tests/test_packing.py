@@ -12,7 +12,7 @@ from gemma_ft.batching import PACKED_TOKENS_CAP, activation_bytes_per_token, pla
 from gemma_ft.data.encoding import IGNORE_INDEX, encode_conversations
 from gemma_ft.pipeline import prepare
 from gemma_ft.training import PackedBinCollator
-from tests.conftest import TINY, chess_rows, typed_config, write_csv
+from tests.helpers import TINY, chess_rows, typed_config, write_csv
 
 TOKENS = 512
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import TINY, built_once, chess_rows, write_csv
+from tests.helpers import TINY, built_once, chess_rows, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6

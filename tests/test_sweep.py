@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY, chess_rows, write_csv
+from tests.helpers import TINY, chess_rows, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = [*TINY, "train.eval_steps=2", "data.val_size=4"]

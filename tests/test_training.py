@@ -15,7 +15,7 @@ from gemma_ft.training import (
     PadBeyondOneFlexBlock,
     pad_short_batches_for_flex_attention,
 )
-from tests.conftest import TINY, chess_rows, typed_config, write_csv
+from tests.helpers import TINY, chess_rows, typed_config, write_csv
 
 CONVERSATIONS = [
     ["Answer in one word.", "Which piece moves in Nf3?", "knight"],
@@ -201,7 +201,7 @@ def test_tiny_run_writes_adapter_metrics_and_samples(tmp_path, tiny_model_dir, c
 def test_replies_before_training_are_the_untrained_models(tmp_path):
     """run() generates the "before" replies after training with the adapters off: they must be exactly the
     replies of the model as it was before its first step."""
-    from gemma_ft.generation import generate_replies
+    from gemma_ft.replies import generate_replies
 
     path = write_csv(tmp_path / "d.csv", chess_rows(20))
     overrides = [*TINY, f"data.path={path}", "data.val_size=4", "train.max_steps=8", "train.max_new_tokens=8",

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gemma_ft.pipeline import run
-from tests.conftest import TINY, built_once, chess_rows, typed_config, write_csv
+from tests.helpers import TINY, built_once, chess_rows, typed_config, write_csv
 
 GREEDY = ["sampling.do_sample=false"]
 

@@ -1,4 +1,5 @@
-"""The seed notebook's debugging output: memory statistics and one fully worked training example."""
+"""What a run reports about itself: memory and time around training (metrics.json; printed with debug.verbose),
+and one fully worked training example (debug.show_examples)."""
 
 from __future__ import annotations
 

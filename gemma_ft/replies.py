@@ -1,4 +1,4 @@
-"""Greedy answers to held-out prompts, and their exact-match rate against the expected replies."""
+"""Replies to conversations in batches (greedy by default), the stop tokens, and the exact-match rate."""
 
 from __future__ import annotations
 
