@@ -134,7 +134,7 @@ def end_process_group() -> None:
     """Close torch.distributed at the end of a torchrun run (a no-op when it was never started).
 
     Without it every two-GPU run that ended on its own printed NCCL's "destroy_process_group() was not called
-    before program exit, which can leak resources" (18 logs under benchmarks/results); in one stopped run (2026-11-27)
+    before program exit, which can leak resources" (2 x H200, 2026-11-27); in one stopped run (2026-11-27)
     rank 0 was still exiting 2.4 s after that, when torchrun, seeing rank 1 gone, killed it.
     """
     import torch.distributed as dist

@@ -221,11 +221,15 @@ def test_gguf_q8_0_reads_back_within_its_quantisation_error_with_the_runs_metada
         with torch.inference_mode():
             got, expected = quantised(**ids).logits[0], merged(**ids).logits[0]
         # Q8_0 keeps each block of 32 weights to 8 bits and one scale. On this model's logits that measured a mean
-        # error of 1.5% and a largest of 14% of the logits' spread, with the same top token everywhere (2026-12-04):
-        # bounds at about 3x those, and the same greedy choice at every position.
+        # error of 1.5% and a largest of 14% of the logits' spread (2026-12-04): bounds at about 3x those. The greedy
+        # choice must stay wherever the top two logits are further apart than twice the position's largest error;
+        # this random model has near-ties elsewhere, where one of 13 tokens once changed.
         error = (got - expected).abs()
         assert error.mean() <= 0.05 * expected.std() and error.max() <= 0.4 * expected.std()
-        assert torch.equal(got.argmax(-1), expected.argmax(-1))
+        top_two = expected.topk(2, dim=-1).values
+        clear = top_two[:, 0] - top_two[:, 1] > 2 * error.max(-1).values
+        assert clear.sum() >= len(clear) // 2, "too few positions with a clear top token to compare"
+        assert torch.equal(got.argmax(-1)[clear], expected.argmax(-1)[clear])
 
     read_back = sentencepiece.SentencePieceProcessor(model_proto=sentencepiece_proto(GGUFVocab.from_reader(reader)))
     texts = ["日本語のテキスト 中文", "emoji 😀🎉👍🏽", "def f(x):\n\treturn x  # code", "   runs  of\n\n\n   space ",
