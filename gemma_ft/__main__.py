@@ -14,10 +14,11 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from gemma_ft.cli_checks import CONF_DIR
 from gemma_ft.config import register_configs
+from gemma_ft.console import open_run_logs
 from gemma_ft.distributed import (
     end_process_group,
     is_main_process,
@@ -25,6 +26,7 @@ from gemma_ft.distributed import (
     submitit_tasks_as_one_run,
 )
 from gemma_ft.errors import UserError, fail, say
+from gemma_ft.run_dir import write_records
 
 # The shell's convention for a process stopped by a signal: 128 + signal number.
 INTERRUPTED_EXIT = {"SIGINT": 130, "SIGTERM": 143}
@@ -39,6 +41,11 @@ def main(cfg: DictConfig) -> float:
     job_dir = Path(hydra_cfg.runtime.output_dir)
     if hydra_cfg.mode == RunMode.MULTIRUN:
         with submitit_tasks_as_one_run():
+            if is_main_process():
+                # A sweep's job folder is new (the sweep dir is claimed): its record and log start at once, so
+                # the summary lists a job that fails its checks too.
+                write_records(job_dir, hydra_record(cfg))
+                open_run_logs()
             # One job's failure must not stop the others: record it, return NaN (Optuna counts it as failed).
             try:
                 metrics = run(cfg, run_dir=job_dir)
@@ -52,7 +59,7 @@ def main(cfg: DictConfig) -> float:
                 write_status(job_dir, "ok")
             return metrics["eval_loss"]
     try:
-        metrics = run(cfg, run_dir=job_dir)
+        metrics = run(cfg, run_dir=job_dir, records=hydra_record(cfg))
     except UserError as exc:
         if cfg.debug.traceback:
             raise
@@ -61,6 +68,14 @@ def main(cfg: DictConfig) -> float:
         say(f"gemma_ft: {exc}")
         sys.exit(INTERRUPTED_EXIT[exc.signal_name])
     return metrics["eval_loss"]
+
+
+def hydra_record(cfg: DictConfig) -> dict[str, object]:
+    """What Hydra writes into a job's .hydra/ (hydra.output_subdir=null hands it to gemma_ft, which writes it once
+    the run owns its directory): the resolved config, Hydra's own and the command line's overrides."""
+    hydra_cfg = HydraConfig.get()
+    return {".hydra/config.yaml": cfg, ".hydra/hydra.yaml": OmegaConf.create({"hydra": hydra_cfg}),
+            ".hydra/overrides.yaml": hydra_cfg.overrides.task}
 
 
 def cli() -> None:

@@ -131,6 +131,8 @@ class RunConfig:
     resume: str = "auto"
     # Replace a finished run's adapter and metrics (otherwise a finished run is never overwritten).
     overwrite: bool = False
+    # Resume a checkpoint even though settings that shape training differ from its run's (both are recorded).
+    resume_changed: bool = False
 
 
 @dataclass

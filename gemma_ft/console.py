@@ -34,6 +34,55 @@ class ConsoleFormatter(logging.Formatter):
         return f"Warning: {message}" if record.levelno >= logging.WARNING else message
 
 
+class RunLogFileHandler(logging.Handler):
+    """The run's log file (conf/config.yaml's file handler), opened only once the run owns its directory.
+
+    Until `open_run_logs` is called, records wait in memory: a command refused by a check (a finished run, a run dir
+    in use, a resume with other settings) leaves the directory byte for byte as it was, its log included.
+    """
+
+    MAX_WAITING = 10_000  # records kept before the file opens; a refused command logs a handful
+
+    def __init__(self, filename: str, mode: str = "a", encoding: str = "utf-8"):
+        super().__init__()
+        self.filename, self.mode, self.encoding = filename, mode, encoding
+        self.waiting: list[logging.LogRecord] = []
+        self.file: logging.FileHandler | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.file is not None:
+            self.file.emit(record)
+        elif len(self.waiting) < self.MAX_WAITING:
+            self.waiting.append(record)
+
+    def open(self) -> None:
+        if self.file is not None:
+            return
+        self.file = logging.FileHandler(self.filename, mode=self.mode, encoding=self.encoding)
+        self.file.setFormatter(self.formatter)
+        self.file.setLevel(self.level)
+        for record in self.waiting:
+            self.file.emit(record)
+        self.waiting.clear()
+
+    def flush(self) -> None:
+        if self.file is not None:
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        self.waiting.clear()
+        super().close()
+
+
+def open_run_logs() -> None:
+    """Start writing the run's log file (see RunLogFileHandler); without Hydra's logging set up, nothing to do."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, RunLogFileHandler):
+            handler.open()
+
+
 def quiet_libraries(verbose: bool) -> None:
     """Before the libraries load: silence what they print that tells the user nothing, unless `verbose`."""
     if verbose:

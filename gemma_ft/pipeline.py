@@ -5,21 +5,22 @@ Stages run top to bottom in dependency order; each is one explicit builder.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import shutil
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from omegaconf import OmegaConf
 
 from gemma_ft.compile_cache import import_unsloth_with_persistent_compile_cache
 from gemma_ft.config import Config, to_typed
-from gemma_ft.console import quiet_libraries
+from gemma_ft.console import open_run_logs, quiet_libraries
 from gemma_ft.data.conversations import (
     BUILTIN_PREFIX,
     Split,
@@ -37,13 +38,23 @@ from gemma_ft.distributed import (
 )
 from gemma_ft.errors import DataError, UserError
 from gemma_ft.plots import plot_run_losses
+from gemma_ft.resume_check import (
+    check_resume_inputs,
+    keep_settings_before_resume,
+    training_inputs,
+    write_training_inputs,
+)
 from gemma_ft.run_dir import (
     RUN_CONFIG,
+    RunPlan,
     acquire_run_lock,
     check_writable,
     checkpoint_dir,
     plan_run,
     release_run_lock,
+    replace_earlier_run,
+    start_work_dir,
+    write_records,
 )
 from gemma_ft.validation import validate
 
@@ -68,10 +79,19 @@ class Prepared:
     stop_on_divergence: Any  # gemma_ft.callbacks.StopOnDivergence
     replies_cut_off: dict  # per split: assistant turns of kept rows that max_seq_length cut off entirely
     schedule: Any  # gemma_ft.training.Schedule: optimizer steps and the epochs of the data they cover
+    plan: RunPlan  # where the run writes (its staging folder when it replaces an earlier run) and resumes from
 
 
 class RunDiverged(UserError):
     """The loss or its gradients became NaN/inf: training stopped before that step was applied."""
+
+
+class SaveFailed(UserError):
+    """The disk filled up while a checkpoint or the finished run was being saved; the complete checkpoints are
+    intact, and the same command resumes from the last of them."""
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class RunInterrupted(Exception):
@@ -82,9 +102,13 @@ class RunInterrupted(Exception):
         self.signal_name = signal_name
 
 
-def prepare(cfg: Any, run_dir: str | Path | None = None, cleanup: ExitStack | None = None) -> Prepared:
-    """Stages up to a ready trainer: config and data checks -> tokenizer -> chat template -> control tokens ->
-    response-only labels -> model -> batch plan -> LoRA -> SFTTrainer (padded or packed batches)."""
+def prepare(cfg: Any, run_dir: str | Path | None = None, cleanup: ExitStack | None = None,
+            records: Mapping[str, Any] | None = None) -> Prepared:
+    """Stages up to a ready trainer: config and data checks -> run dir checks -> tokenizer -> chat template ->
+    control tokens -> response-only labels -> the run dir's record -> model -> batch plan -> LoRA -> SFTTrainer
+    (padded or packed batches).
+
+    Nothing is written into the run directory before every check has passed (see claim_run_dir)."""
     from gemma_ft.startup import StartupClock
 
     startup = StartupClock()
@@ -95,15 +119,18 @@ def prepare(cfg: Any, run_dir: str | Path | None = None, cleanup: ExitStack | No
     split = split_conversations(conversations, cfg.data.val_size, cfg.data.split_seed)
     log.info("Data: %d rows -> %d train, %d validation", len(conversations), len(split.train), len(split.validation))
     run_dir = Path(run_dir or cfg.run.dir or f"outputs/{cfg.run.name or 'run'}").resolve()
-    plan = plan_run(cfg.run, run_dir)
     check_writable(run_dir, needed_bytes=0)  # writable now; room is checked once the model's size is known
+    inputs = training_inputs(cfg, split)
+    # The run dir's checks run before its lock is taken, so that a refused command does not even clean up a lock
+    # left by a killed run; under the lock they run again (and say what they found), on what no other run can
+    # change any more.
+    with logs_suppressed():
+        plan_and_check_resume(cfg, run_dir, inputs)
     if is_main_process():  # with several GPUs every rank runs this; rank 0 owns and writes the run dir
         lock = acquire_run_lock(run_dir)
         if cleanup is not None:
             cleanup.callback(release_run_lock, lock)
-        # The typed config this run trains with: what generate/evaluate/export read back.
-        OmegaConf.save(OmegaConf.structured(cfg), run_dir / RUN_CONFIG)
-
+    plan, resumed_with_changes = plan_and_check_resume(cfg, run_dir, inputs)
     startup.mark("config and data checks")
     use_local_gpu()
     quiet_libraries(cfg.debug.verbose)
@@ -135,8 +162,6 @@ def prepare(cfg: Any, run_dir: str | Path | None = None, cleanup: ExitStack | No
     startup.mark("imports")
     model_path = resolve_model_path(cfg.model.name_or_path)
     check_writable(run_dir, needed_bytes=checkpoint_size_estimate(cfg, model_path))
-    if cfg.run.overwrite and plan.resume_from is None and is_main_process():
-        shutil.rmtree(checkpoint_dir(run_dir), ignore_errors=True)
     # The template is set and checked before anything renders text, so a wrong template cannot train silently.
     tokenizer = apply_gemma3_template(load_tokenizer(model_path))
     log.info("Chat template: Gemma 3, checked on a probe conversation (turn markers are single tokens, one BOS)")
@@ -150,6 +175,9 @@ def prepare(cfg: Any, run_dir: str | Path | None = None, cleanup: ExitStack | No
     eval_rows = encode_conversations(tokenizer, split.validation, cfg.train.max_seq_length)
     dropped = report_rows_dropped_too_long(train_rows, eval_rows, cfg.train.max_seq_length)
     startup.mark("tokenizer and labels")
+    if is_main_process():
+        claim_run_dir(plan, cfg, inputs, resumed_with_changes, records or {})
+    wait_for_everyone()  # the other ranks' trainers write into the folder rank 0 has just made
     model = load_model(cfg.model, model_path, cfg.train.max_seq_length)
     log.info("Model: %s, %s parameters, %s", model_path, f"{model.num_parameters():,}", model.dtype)
     startup.mark("model load")
@@ -172,7 +200,7 @@ def prepare(cfg: Any, run_dir: str | Path | None = None, cleanup: ExitStack | No
     callbacks = [MarkCheckpointComplete(), LogEveryFinalStep(), stop_on_signal, stop_on_divergence,
                  ReportStartupAtFirstStep(startup)]
     trainer = build_trainer(model, tokenizer, train_rows.dataset(), eval_rows.dataset(), cfg, batch_plan,
-                            checkpoint_dir(run_dir), callbacks)
+                            checkpoint_dir(plan.work_dir), callbacks)
     check_every_rank_read_the_same_rows(cfg.data.path, split)  # the Trainer has started the ranks' process group
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(progress_callback(cfg.debug.verbose))
@@ -186,18 +214,57 @@ def prepare(cfg: Any, run_dir: str | Path | None = None, cleanup: ExitStack | No
         pad_short_batches_for_flex_attention(trainer, model, tokenizer)
     return Prepared(cfg, run_dir, split, tokenizer, model, trainer, dropped, plan.resume_from, stop_on_signal,
                     train_rows, batch_plan, stop_on_divergence,
-                    {"train": train_rows.replies_cut_off, "eval": eval_rows.replies_cut_off}, schedule)
+                    {"train": train_rows.replies_cut_off, "eval": eval_rows.replies_cut_off}, schedule, plan)
 
 
-def run(cfg: Any, run_dir: str | Path | None = None) -> dict:
-    """Fine-tune as `cfg` says; writes the adapter, metrics.json and samples into `run_dir`; returns the metrics."""
+def plan_and_check_resume(cfg: Config, run_dir: Path, inputs: dict) -> tuple[RunPlan, Path | None]:
+    """Where the run writes and resumes from; with the run whose settings it resumes with changes, if it does."""
+    plan = plan_run(cfg.run, run_dir)
+    if plan.resume_from is None:
+        return plan, None
+    log.info("Resuming from %s", plan.resume_from)
+    return plan, check_resume_inputs(plan.resume_from, inputs, cfg.run.resume_changed)
+
+
+@contextmanager
+def logs_suppressed():
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def claim_run_dir(plan: RunPlan, cfg: Config, inputs: dict, resumed_with_changes: Path | None,
+                  records: Mapping[str, Any]) -> None:
+    """Every check has passed: the run's record goes into the folder it writes (its staging folder when it replaces
+    an earlier run), and its log file opens."""
+    start_work_dir(plan)
+    if resumed_with_changes is not None:
+        keep_settings_before_resume(resumed_with_changes, plan.work_dir)
+    # The typed config this run trains with: what generate/evaluate/export read back.
+    OmegaConf.save(OmegaConf.structured(cfg), plan.work_dir / RUN_CONFIG)
+    write_training_inputs(plan.work_dir, inputs)
+    write_records(plan.work_dir, records)
+    open_run_logs()
+    if plan.replaces_earlier_run:
+        log.info("Replacing the run in %s: its results stay until this run has finished (staged in %s)",
+                 plan.run_dir, plan.work_dir)
+
+
+def run(cfg: Any, run_dir: str | Path | None = None, records: Mapping[str, Any] | None = None) -> dict:
+    """Fine-tune as `cfg` says; writes the adapter, metrics.json and samples into `run_dir`; returns the metrics.
+
+    `records`: more files for the run's record (name in the run dir -> OmegaConf content), written with its
+    config.yaml once every check has passed: the CLI's Hydra record (.hydra/)."""
     with ExitStack() as cleanup:  # the run dir's lock is released however the run ends
-        return _run(cfg, run_dir, cleanup)
+        return _run(cfg, run_dir, records, cleanup)
 
 
-def _run(cfg: Any, run_dir: str | Path | None, cleanup: ExitStack) -> dict:
+def _run(cfg: Any, run_dir: str | Path | None, records: Mapping[str, Any] | None, cleanup: ExitStack) -> dict:
     started_at = time.perf_counter()
-    p = prepare(cfg, run_dir, cleanup)
+    p = prepare(cfg, run_dir, cleanup, records)
     cfg, model, tokenizer, trainer = p.cfg, p.model, p.tokenizer, p.trainer
 
     from gemma_ft.run_report import MemoryStats, show_example
@@ -217,7 +284,15 @@ def _run(cfg: Any, run_dir: str | Path | None, cleanup: ExitStack) -> dict:
 
     memory = MemoryStats(cfg.debug.verbose)
     memory.start()
-    trainer.train(resume_from_checkpoint=str(p.resume_from) if p.resume_from else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(p.resume_from) if p.resume_from else None)
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        raise SaveFailed(
+            f"the disk filled up while writing a checkpoint in {checkpoint_dir(p.plan.work_dir)} ({exc.strerror}); "
+            "free some space and run the same command again: it resumes from its last complete checkpoint"
+        ) from None
     resources = memory.finish()
     if p.stop_on_signal.received:
         # A rank that exits first makes torchrun kill the others: none leaves before every rank has saved. (On two
@@ -225,16 +300,17 @@ def _run(cfg: Any, run_dir: str | Path | None, cleanup: ExitStack) -> dict:
         wait_for_everyone()
         raise RunInterrupted(
             f"{p.stop_on_signal.received}: stopped at step {trainer.state.global_step} with a checkpoint saved in "
-            f"{checkpoint_dir(p.run_dir)}; resume by running the same command with run.dir={p.run_dir}",
+            f"{checkpoint_dir(p.plan.work_dir)}; resume by running the same command with run.dir={p.run_dir}",
             p.stop_on_signal.received,
         )
     if p.stop_on_divergence.diverged_at_step is not None:
         wait_for_everyone()
-        kept = [c.name for c in checkpoint_dir(p.run_dir).glob("checkpoint-*")]
+        kept = [c.name for c in checkpoint_dir(p.plan.work_dir).glob("checkpoint-*")]
         raise RunDiverged(
             f"training diverged at step {p.stop_on_divergence.diverged_at_step}: the loss or its gradients became "
             f"NaN/inf, so the run stopped before applying that step and saved no adapter or metrics; "
-            + (f"its last good checkpoint stays in {checkpoint_dir(p.run_dir)}; " if kept else "")
+            + (f"its last good checkpoint stays in {checkpoint_dir(p.plan.work_dir)}; " if kept else "")
+            + ("the run it was to replace is unchanged; " if p.plan.replaces_earlier_run else "")
             + f"lower optim.lr (now {cfg.optim.lr}), keep optim.max_grad_norm > 0, or check the data, then run again"
         )
     eval_loss = final_eval_loss(trainer)
@@ -272,8 +348,10 @@ def _run(cfg: Any, run_dir: str | Path | None, cleanup: ExitStack) -> dict:
         "runtime_s": time.perf_counter() - started_at,
     }
     if main:
-        save_outputs(p.run_dir, model, tokenizer, metrics, trainer.state.log_history, em_rows, replies_before,
-                     replies_after)
+        save_outputs(p.plan.work_dir, model, tokenizer, metrics, trainer.state.log_history, em_rows,
+                     replies_before, replies_after)
+        if p.plan.replaces_earlier_run:
+            replace_earlier_run(p.plan)
     wait_for_everyone()  # no rank reports done before the adapter is saved
     log.info("Done in %.0f s (training %.0f s): train_loss=%.4f, eval_loss=%.4f, exact match %.3f -> %.3f on %d "
              "held-out rows; outputs in %s", metrics["runtime_s"], metrics["train_runtime_s"], metrics["train_loss"],
@@ -361,8 +439,18 @@ def save_outputs(run_dir: Path, model, tokenizer, metrics: dict, log_history: li
     """Adapter, samples and metrics; each written beside its final name and renamed, so none is half-written."""
     staging = run_dir / ".adapter.tmp"
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(str(staging))
-    tokenizer.save_pretrained(str(staging))
+    try:
+        model.save_pretrained(str(staging))
+        tokenizer.save_pretrained(str(staging))
+    except BaseException as exc:
+        # A full disk (or a kill) mid-save: the half-written adapter must neither count nor fill the disk.
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            raise SaveFailed(
+                f"could not save the adapter in {run_dir}: {exc.strerror}; free some space and run the same "
+                "command again: it resumes from its last checkpoint"
+            ) from None
+        raise
     shutil.rmtree(run_dir / "adapter", ignore_errors=True)
     staging.rename(run_dir / "adapter")
     samples = [

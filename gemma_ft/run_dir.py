@@ -1,7 +1,9 @@
 """The run directory: where a run writes, whether it resumes, and whether it may write at all.
 
 A checkpoint counts only once gemma_ft has marked it complete (the marker is written after the trainer has
-finished saving), so a checkpoint cut short by a crash is never resumed from.
+finished saving), so a checkpoint cut short by a crash is never resumed from. A run that replaces an earlier one
+(run.overwrite=true) writes into a staging folder inside the run directory and takes the earlier run's place only
+once it has finished: until then the earlier results stay whole, and a failed overwrite loses nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 from gemma_ft.config import RunConfig
 from gemma_ft.errors import ConfigError
@@ -28,6 +31,13 @@ LOCK_FILE = ".gemma_ft.lock"  # the process that owns the run directory: {"pid",
 # A lock file still empty this long after its creation was left by a process that died while creating it.
 EMPTY_LOCK_GRACE_S = 10.0
 FINISHED_FILES = ("metrics.json", "adapter")
+OVERWRITE_STAGING = ".overwrite"  # an overwriting run's outputs until it has finished
+REPLACED = ".replaced"  # the earlier run's outputs while the overwrite's take their place
+# What a run writes into its directory (metrics.json last: with the adapter it marks the run finished). The log
+# (gemma_ft.log), the lock and anything else in the folder are not the run's outputs: an overwrite leaves them.
+RUN_OUTPUTS = (".hydra", RUN_CONFIG, "training_inputs.json", "config.before-resume.yaml",
+               "training_inputs.before-resume.json", "checkpoints", "adapter", "samples.json", "history.json",
+               "loss.png", "metrics.json")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -35,6 +45,12 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 class RunPlan:
     run_dir: Path
     resume_from: Path | None
+    # Where this run writes: the run dir, or its staging folder when it replaces an earlier run there
+    work_dir: Path
+
+    @property
+    def replaces_earlier_run(self) -> bool:
+        return self.work_dir != self.run_dir
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -60,32 +76,75 @@ def is_finished(run_dir: Path) -> bool:
     return all((run_dir / name).exists() for name in FINISHED_FILES)
 
 
+def holds_a_run(run_dir: Path) -> bool:
+    return any((run_dir / name).exists() for name in RUN_OUTPUTS)
+
+
 def plan_run(cfg: RunConfig, run_dir: Path) -> RunPlan:
-    """Decide where to resume from, refusing to overwrite a finished run unless run.overwrite=true."""
+    """Decide where this run writes and where it resumes from, refusing to overwrite a finished run unless
+    run.overwrite=true. Reads the folder only: nothing is written or deleted here."""
     if is_finished(run_dir) and not cfg.overwrite:
         raise ConfigError(
             f"{run_dir} holds a finished run (adapter and metrics.json); choose another run.name / run.dir, "
             "or set run.overwrite=true to replace it"
         )
+    # An overwrite stages its outputs while an earlier run's are there; re-running it continues its own checkpoints.
+    work_dir = run_dir / OVERWRITE_STAGING if cfg.overwrite and holds_a_run(run_dir) else run_dir
     if cfg.resume == "never":
         if complete_checkpoints(run_dir) and not cfg.overwrite:
             raise ConfigError(
                 f"{run_dir} has checkpoints and run.resume=never; use run.resume=auto to continue them, another "
                 "run.name / run.dir, or run.overwrite=true to start over"
             )
-        return RunPlan(run_dir, None)
+        return RunPlan(run_dir, None, work_dir)
     if cfg.resume == "auto":
-        checkpoints = [] if cfg.overwrite else complete_checkpoints(run_dir)
-        if checkpoints:
-            log.info("Resuming from %s", checkpoints[-1])
-        return RunPlan(run_dir, checkpoints[-1] if checkpoints else None)
+        checkpoints = complete_checkpoints(work_dir) if work_dir != run_dir or not cfg.overwrite else []
+        return RunPlan(run_dir, checkpoints[-1] if checkpoints else None, work_dir)
     path = Path(cfg.resume).expanduser().resolve()
     if not (path / "trainer_state.json").is_file():
         raise ConfigError(f"run.resume={cfg.resume!r} is not a checkpoint folder (no trainer_state.json); use auto, "
                           "never, or a path like outputs/<run>/checkpoints/checkpoint-500")
     if not (path / COMPLETE_MARKER).exists():
         raise ConfigError(f"run.resume={cfg.resume!r} was not completely written; pick an earlier checkpoint")
-    return RunPlan(run_dir, path)
+    return RunPlan(run_dir, path, work_dir)
+
+
+def start_work_dir(plan: RunPlan) -> None:
+    """Once every check has passed: a staging folder left by an earlier overwrite that this run does not continue
+    is removed; the folder this run writes into exists."""
+    if plan.replaces_earlier_run:
+        continued = plan.resume_from is not None and plan.work_dir in plan.resume_from.parents
+        if not continued:
+            shutil.rmtree(plan.work_dir, ignore_errors=True)
+    plan.work_dir.mkdir(parents=True, exist_ok=True)
+
+
+def write_records(folder: Path, records: Mapping[str, Any]) -> None:
+    """Config files of the run's record: name in the folder -> OmegaConf content."""
+    from omegaconf import OmegaConf
+
+    for name, content in records.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(content, folder / name)
+
+
+def replace_earlier_run(plan: RunPlan) -> None:
+    """The finished overwrite's outputs take the earlier run's place.
+
+    The earlier metrics.json goes first and the new one comes last, so that at no moment does the folder count as
+    finished with a mix of the two runs; what the earlier run wrote is deleted only once everything new is in place.
+    """
+    run_dir, staging, replaced = plan.run_dir, plan.work_dir, plan.run_dir / REPLACED
+    shutil.rmtree(replaced, ignore_errors=True)
+    replaced.mkdir()
+    for name in ("metrics.json", *RUN_OUTPUTS):
+        if (run_dir / name).exists():
+            os.replace(run_dir / name, replaced / name)
+    for name in (*(n for n in RUN_OUTPUTS if n != "metrics.json"), "metrics.json"):
+        if (staging / name).exists():
+            os.replace(staging / name, run_dir / name)
+    shutil.rmtree(replaced)
+    shutil.rmtree(staging)
 
 
 # Filesystems the kernel makes up (/proc, /sys, /dev, ...): writing a run there fails or writes into the kernel.

@@ -72,7 +72,7 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset, cfg: Config, pl
         dataset_num_proc=1,
         disable_tqdm=False,
     )
-    return SFTTrainer(
+    return _gemma_ft_trainer(SFTTrainer)(
         model=model,
         processing_class=tokenizer,
         data_collator=collator,
@@ -81,6 +81,59 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset, cfg: Config, pl
         args=args,
         callbacks=list(callbacks),
     )
+
+
+class EpochSeededLengthGroupedSampler:
+    """transformers' length-grouped order, drawn from a generator seeded with seed + epoch.
+
+    transformers' own LengthGroupedSampler draws from the global torch generator when an epoch starts; a run resumed
+    in a later epoch reaches that point with another generator state (none of the epochs before it ran in this
+    process), so it trained on another order: killed in epoch 2 of the tiny model, steps after the checkpoint came
+    out up to 0.015 apart in loss (tests/test_resume.py). The order of epoch e here depends on (seed, e) only, as
+    accelerate's seedable sampler does for train.sampling=random; the Trainer calls set_epoch before each epoch,
+    resumed or not, and every rank draws the same order.
+    """
+
+    def __init__(self, lengths, batch_size: int, seed: int):
+        self.lengths, self.batch_size, self.seed, self.epoch = list(lengths), batch_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        import torch
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
+def _gemma_ft_trainer(trainer_class):
+    """trainer_class with two fixes of transformers' loop for resumed runs: the length-grouped training order is an
+    EpochSeededLengthGroupedSampler, and a run resumed from its final checkpoint trains no step beyond it."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    class Trainer(trainer_class):
+        def _get_train_sampler(self, train_dataset=None):
+            sampler = super()._get_train_sampler(train_dataset)
+            if type(sampler) is LengthGroupedSampler:
+                seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+                return EpochSeededLengthGroupedSampler(sampler.lengths, sampler.batch_size, seed)
+            return sampler
+
+        def _run_epoch(self, *args, **kwargs):
+            # The loop checks max_steps only after a step: resumed from checkpoint-60 of a 60-step run (a rerun after
+            # the final save failed), it trained a step 61 (tests/test_run_dir_safety.py).
+            if 0 < self.state.max_steps <= self.state.global_step:
+                self.control.should_training_stop = True
+                return None
+            return super()._run_epoch(*args, **kwargs)
+
+    Trainer.__name__ = Trainer.__qualname__ = trainer_class.__name__
+    return Trainer
 
 
 @dataclass(frozen=True)

@@ -169,10 +169,10 @@ def test_a_run_closes_its_process_group_at_the_end_also_when_stopped(monkeypatch
     import gemma_ft.pipeline as pipeline
     from gemma_ft.__main__ import cli
 
-    def stopped(cfg, run_dir):
+    def stopped(cfg, run_dir, records=None):
         raise pipeline.RunInterrupted("stopped at step 3", "SIGTERM")
 
-    for outcome, code in ((lambda cfg, run_dir: {"eval_loss": 1.0}, None), (stopped, 143)):
+    for outcome, code in ((lambda cfg, run_dir, records=None: {"eval_loss": 1.0}, None), (stopped, 143)):
         dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store{code}", rank=0, world_size=1)
         monkeypatch.setattr(pipeline, "run", outcome)
         monkeypatch.setattr(sys, "argv", ["gemma_ft", f"hydra.run.dir={tmp_path}/run{code}"])

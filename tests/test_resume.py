@@ -4,31 +4,23 @@ Ctrl-C/SIGTERM save and stop; a finished run is never overwritten."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import TINY, built_once, chess_rows, write_csv
+from tests.helpers import TINY, built_once, chess_rows, run_cli, write_csv
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
+# 6 training rows in batches of 2: 3 steps an epoch, so the kill after checkpoint-4 lands inside epoch 2, where the
+# length-grouped order of a resumed run once differed from the uninterrupted run's.
+ROWS, VAL_ROWS = 10, 4
 
 
 def overrides(data: Path, name: str) -> list[str]:
-    return [*TINY, f"data.path={data}", "data.val_size=4", f"train.max_steps={STEPS}", "train.save_steps=2",
+    return [*TINY, f"data.path={data}", f"data.val_size={VAL_ROWS}", f"train.max_steps={STEPS}", "train.save_steps=2",
             "train.exact_match_rows=0", f"run.name={name}"]
-
-
-def cli(cwd: Path, *args: str, interrupt: tuple[str, int] | None = None) -> subprocess.CompletedProcess:
-    module = ["-m", "tests.helpers.interrupted_cli", interrupt[0], str(interrupt[1])] if interrupt else ["-m", "gemma_ft"]
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    return subprocess.run([sys.executable, *module, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
 
 
 def resume(workdir: Path, args: list[str]) -> str:
@@ -37,7 +29,7 @@ def resume(workdir: Path, args: list[str]) -> str:
     (Resumed inside a test worker of the whole suite on two workers, later steps' losses came out up to 3e-4 off the
     uninterrupted run's, while the same tests alone matched: comparing two fresh processes keeps state that other
     tests leave in a worker out of it.)"""
-    result = cli(workdir, *args)
+    result = run_cli(workdir, *args)
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout + result.stderr
 
@@ -52,8 +44,8 @@ def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def write_data_and_run_straight(workdir: Path) -> None:
-    write_csv(workdir / "data.csv", chess_rows(24))
-    result = cli(workdir, *overrides(workdir / "data.csv", "straight"))
+    write_csv(workdir / "data.csv", chess_rows(ROWS))
+    result = run_cli(workdir, *overrides(workdir / "data.csv", "straight"))
     assert result.returncode == 0, result.stderr[-2000:]
 
 
@@ -83,12 +75,14 @@ def assert_same_run(resumed: Path, reference: Path) -> None:
         torch.testing.assert_close(weights[key], reference_weights[key], atol=1e-4, rtol=0)
 
 
-def test_killed_after_a_checkpoint_resumes_to_the_same_result(workdir, uninterrupted):
+def test_killed_in_the_second_epoch_resumes_to_the_same_result(workdir, uninterrupted):
     args = overrides(workdir / "data.csv", "killed")
-    killed = cli(workdir, *args, interrupt=("sigkill-after-save", 4))
+    killed = run_cli(workdir, *args, interrupt=("sigkill-after-save", 4))
     assert killed.returncode == -9
     run_dir = workdir / "outputs" / "killed"
     assert not (run_dir / "metrics.json").exists()
+    state = json.loads((run_dir / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert 1 < state["epoch"] < 2, "the kill must fall inside the second epoch"
     log = resume(workdir, args)
     assert "Resuming from" in log and "checkpoint-4" in log
     assert_same_run(run_dir, uninterrupted)
@@ -96,7 +90,7 @@ def test_killed_after_a_checkpoint_resumes_to_the_same_result(workdir, uninterru
 
 def test_checkpoint_cut_short_by_a_kill_is_skipped(workdir, uninterrupted):
     args = overrides(workdir / "data.csv", "midsave")
-    killed = cli(workdir, *args, interrupt=("sigkill-during-save", 4))
+    killed = run_cli(workdir, *args, interrupt=("sigkill-during-save", 4))
     assert killed.returncode == -9
     half_written = workdir / "outputs" / "midsave" / "checkpoints" / "checkpoint-4"
     assert half_written.is_dir() and not (half_written / "trainer_state.json").exists()
@@ -108,7 +102,7 @@ def test_checkpoint_cut_short_by_a_kill_is_skipped(workdir, uninterrupted):
 @pytest.mark.parametrize("mode, code", [("sigint", 130), ("sigterm", 143)])
 def test_signal_saves_a_checkpoint_and_says_how_to_resume(workdir, uninterrupted, mode, code):
     args = overrides(workdir / "data.csv", mode)
-    stopped = cli(workdir, *args, interrupt=(mode, 3))
+    stopped = run_cli(workdir, *args, interrupt=(mode, 3))
     assert stopped.returncode == code, stopped.stderr[-2000:]
     assert "Traceback" not in stopped.stderr
     run_dir = workdir / "outputs" / mode
@@ -124,6 +118,6 @@ def test_signal_saves_a_checkpoint_and_says_how_to_resume(workdir, uninterrupted
 
 def test_finished_run_is_not_overwritten(workdir, uninterrupted):
     before = {p: p.read_bytes() for p in [uninterrupted / "metrics.json", uninterrupted / ".hydra" / "config.yaml"]}
-    again = cli(workdir, *overrides(workdir / "data.csv", "straight"))
+    again = run_cli(workdir, *overrides(workdir / "data.csv", "straight"))
     assert again.returncode == 2 and "run.overwrite=true" in again.stderr
     assert {p: p.read_bytes() for p in before} == before

@@ -216,20 +216,24 @@ def test_gguf_q8_0_reads_back_within_its_quantisation_error_with_the_runs_metada
         state[name] = weights - 1 if name.endswith("norm.weight") else weights
     quantised = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32)
     quantised.load_state_dict(state)
+    compared = positions = 0
     for prompt in CHAT_PROMPTS:
         ids = tokenizer(prompt, return_tensors="pt")
         with torch.inference_mode():
             got, expected = quantised(**ids).logits[0], merged(**ids).logits[0]
         # Q8_0 keeps each block of 32 weights to 8 bits and one scale. On this model's logits that measured a mean
         # error of 1.5% and a largest of 14% of the logits' spread (2026-12-04): bounds at about 3x those. The greedy
-        # choice must stay wherever the top two logits are further apart than twice the position's largest error;
-        # this random model has near-ties elsewhere, where one of 13 tokens once changed.
+        # choice must stay wherever no quantisation error could have changed it: where the top logit leads the
+        # second by more than its own error plus the position's largest. This random model has near-ties, where
+        # one of 13 tokens once changed, and positions with no clear winner at all.
         error = (got - expected).abs()
         assert error.mean() <= 0.05 * expected.std() and error.max() <= 0.4 * expected.std()
-        top_two = expected.topk(2, dim=-1).values
-        clear = top_two[:, 0] - top_two[:, 1] > 2 * error.max(-1).values
-        assert clear.sum() >= len(clear) // 2, "too few positions with a clear top token to compare"
+        top_two = expected.topk(2, dim=-1)
+        top_error = error.gather(-1, top_two.indices[:, :1])[:, 0]
+        clear = top_two.values[:, 0] - top_two.values[:, 1] > top_error + error.max(-1).values
         assert torch.equal(got.argmax(-1)[clear], expected.argmax(-1)[clear])
+        compared, positions = compared + int(clear.sum()), positions + len(clear)
+    assert compared >= positions // 4, f"only {compared} of {positions} positions had a clear top token to compare"
 
     read_back = sentencepiece.SentencePieceProcessor(model_proto=sentencepiece_proto(GGUFVocab.from_reader(reader)))
     texts = ["日本語のテキスト 中文", "emoji 😀🎉👍🏽", "def f(x):\n\treturn x  # code", "   runs  of\n\n\n   space ",

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import csv
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
 from gemma_ft.cli_checks import CONF_DIR
 from gemma_ft.config import register_configs, to_typed
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # Fast settings for tiny-model runs; tests add what they check.
 TINY = [
@@ -68,3 +72,11 @@ def built_once(tmp_path_factory, name: str, build) -> Path:
             build(folder)
             (folder / ".built").touch()
     return folder
+
+
+def run_cli(cwd: Path, *args: str, interrupt: tuple[str, int] | None = None) -> subprocess.CompletedProcess:
+    """`python -m gemma_ft <args>` in a fresh process, or tests.helpers.interrupted_cli with (MODE, STEP)."""
+    module = ["-m", "tests.helpers.interrupted_cli", interrupt[0], str(interrupt[1])] if interrupt else ["-m", "gemma_ft"]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.run([sys.executable, *module, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)

@@ -5,6 +5,7 @@
 MODE: sigkill-after-save  SIGKILL once checkpoint-STEP is completely written
       sigkill-during-save SIGKILL while checkpoint-STEP is being written (weights saved, trainer state not yet)
       sigint / sigterm    send that signal to itself at the end of step STEP
+      disk-full-saving-adapter  the disk fills up while the finished run saves its adapter (STEP unused)
       none                no interruption (for a resumed run of several CPU ranks, see cpu_ranks_load_on_cpu)
 """
 
@@ -76,6 +77,22 @@ def main() -> None:
             return save_rng_state(self, output_dir)
 
         Trainer._save_rng_state = killed_mid_save
+    if mode == "disk-full-saving-adapter":
+        import errno
+
+        from peft import PeftModel
+
+        save_pretrained = PeftModel.save_pretrained
+
+        def fills_the_disk(self, save_directory, *args, **kwargs):
+            if "checkpoint-" in os.path.basename(save_directory):
+                return save_pretrained(self, save_directory, *args, **kwargs)
+            os.makedirs(save_directory, exist_ok=True)
+            with open(os.path.join(save_directory, "adapter_model.safetensors"), "wb") as partial:
+                partial.write(b"\0" * 1024)
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        PeftModel.save_pretrained = fills_the_disk
 
     from gemma_ft.__main__ import cli
 

@@ -1,0 +1,131 @@
+"""Nothing saved is lost: a refused command leaves the run directory byte for byte as it was, an overwrite takes the
+earlier run's place only once it has finished, a resume with other settings is refused unless asked for, and a save
+that fills the disk leaves nothing behind that blocks the rerun."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import TINY, chess_rows, run_cli, write_csv
+
+STEPS = 4
+
+
+def overrides(data: Path, *extra: str) -> list[str]:
+    return [*TINY, f"data.path={data}", "data.val_size=2", f"train.max_steps={STEPS}", "train.save_steps=2",
+            "train.exact_match_rows=0", *extra]
+
+
+def tree_digest(folder: Path, ignore: tuple[str, ...] = ()) -> dict[str, str]:
+    """Every file under `folder` (relative path -> sha256 of its bytes), but the top-level names in `ignore`."""
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*"))
+            if path.is_file() and path.relative_to(folder).parts[0] not in ignore}
+
+
+def metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def finished_run(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    data = write_csv(tmp_path / "data.csv", chess_rows(12))
+    done = run_cli(tmp_path, *overrides(data, f"run.name={name}"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    return data, tmp_path / "outputs" / name
+
+
+@pytest.mark.slow
+def test_refused_commands_leave_a_finished_run_byte_for_byte(tmp_path):
+    data, run_dir = finished_run(tmp_path, "done")
+    assert {".hydra", "gemma_ft.log", "config.yaml", "training_inputs.json"} <= {p.name for p in run_dir.iterdir()}
+    before = tree_digest(run_dir)
+    # Hydra's own run dir (not run.name) bypasses the check before Hydra starts: the run's record and log must
+    # still be untouched.
+    for args in (overrides(data, "run.name=done"), overrides(data, f"hydra.run.dir={run_dir}"),
+                 overrides(data, f"hydra.run.dir={run_dir}", "optim.lr=1e-3")):
+        refused = run_cli(tmp_path, *args)
+        assert refused.returncode == 2 and "holds a finished run" in refused.stderr, refused.stderr[-2000:]
+        assert "Traceback" not in refused.stderr
+        assert tree_digest(run_dir) == before
+
+
+@pytest.mark.slow
+def test_an_overwrite_keeps_the_earlier_run_until_it_has_finished(tmp_path):
+    data, run_dir = finished_run(tmp_path, "replaced")
+    earlier = tree_digest(run_dir, ignore=("gemma_ft.log",))
+    args = overrides(data, "run.name=replaced", "run.overwrite=true", "optim.lr=1e-3")
+
+    killed = run_cli(tmp_path, *args, interrupt=("sigkill-after-save", 2))
+    assert killed.returncode == -9
+    # The killed overwrite's lock, log lines and staging folder aside, the earlier run is whole and still finished.
+    from gemma_ft.run_dir import LOCK_FILE, OVERWRITE_STAGING, REPLACED, is_finished
+
+    assert tree_digest(run_dir, ignore=("gemma_ft.log", LOCK_FILE, OVERWRITE_STAGING)) == earlier
+    assert is_finished(run_dir) and metrics(run_dir)["learning_rate"] == 2e-4
+
+    again = run_cli(tmp_path, *args)  # the same command continues the overwrite from its own checkpoint
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"Resuming from {run_dir / OVERWRITE_STAGING / 'checkpoints' / 'checkpoint-2'}" in again.stdout + again.stderr
+    assert metrics(run_dir)["learning_rate"] == 1e-3 and metrics(run_dir)["global_step"] == STEPS
+    assert "lr: 0.001" in (run_dir / "config.yaml").read_text()
+    assert "optim.lr=1e-3" in (run_dir / ".hydra" / "overrides.yaml").read_text()
+    assert not (run_dir / OVERWRITE_STAGING).exists() and not (run_dir / REPLACED).exists()
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert tree_digest(run_dir / "adapter") != {k[len("adapter/"):]: v for k, v in earlier.items()
+                                                if k.startswith("adapter/")}
+
+
+@pytest.mark.slow
+def test_a_resume_with_other_settings_is_refused_unless_asked_for(tmp_path):
+    data = write_csv(tmp_path / "data.csv", chess_rows(12))
+    args = overrides(data, "run.name=halfway")
+    killed = run_cli(tmp_path, *args, interrupt=("sigkill-after-save", 2))
+    assert killed.returncode == -9
+    run_dir = tmp_path / "outputs" / "halfway"
+    from gemma_ft.run_dir import LOCK_FILE
+
+    before = tree_digest(run_dir)
+    assert LOCK_FILE in before  # the killed run's: a refused command does not even clean it up
+
+    changed = run_cli(tmp_path, *args, "optim.lr=1e-3", "train.per_device_train_batch_size=4",
+                      "train.eval_steps=1")  # eval_steps changes what is reported, not what is learnt
+    assert changed.returncode == 2, changed.stderr[-2000:]
+    [line] = [line for line in changed.stderr.splitlines() if "error" in line]
+    assert "checkpoint-2 was trained with other settings: optim.lr 0.0002 -> 0.001; " \
+           "train.per_device_train_batch_size 2 -> 4; " in line and "run.resume_changed=true" in line
+    assert "eval_steps" not in line
+    assert tree_digest(run_dir) == before
+
+    other_rows = write_csv(tmp_path / "other.csv", chess_rows(13)[1:])
+    moved = run_cli(tmp_path, *overrides(other_rows, "run.name=halfway"))
+    assert moved.returncode == 2 and "the data rows (another file or other contents)" in moved.stderr
+    assert tree_digest(run_dir) == before
+
+    forced = run_cli(tmp_path, *args, "optim.lr=1e-3", "run.resume_changed=true")
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    assert "with changed settings (run.resume_changed=true): optim.lr 0.0002 -> 0.001" in forced.stdout + forced.stderr
+    assert "lr: 0.0002" in (run_dir / "config.before-resume.yaml").read_text()
+    assert "lr: 0.001" in (run_dir / "config.yaml").read_text()
+    assert json.loads((run_dir / "training_inputs.before-resume.json").read_text())["optim.lr"] == 2e-4
+    assert json.loads((run_dir / "training_inputs.json").read_text())["optim.lr"] == 1e-3
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_while_saving_leaves_nothing_that_blocks_the_rerun(tmp_path):
+    data = write_csv(tmp_path / "data.csv", chess_rows(12))
+    args = overrides(data, "run.name=full")
+    failed = run_cli(tmp_path, *args, interrupt=("disk-full-saving-adapter", 0))
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr[-2000:]
+    assert "could not save the adapter" in failed.stderr and "No space left on device" in failed.stderr
+    run_dir = tmp_path / "outputs" / "full"
+    assert not (run_dir / ".adapter.tmp").exists() and not (run_dir / "adapter").exists()
+    assert not (run_dir / "metrics.json").exists()
+
+    rerun = run_cli(tmp_path, *args)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"checkpoint-{STEPS}" in rerun.stdout + rerun.stderr and (run_dir / "adapter" / "adapter_model.safetensors").exists()
+    assert metrics(run_dir)["global_step"] == STEPS
