@@ -39,23 +39,18 @@ def finished_run(tmp_path: Path, name: str) -> tuple[Path, Path]:
 
 
 @pytest.mark.slow
-def test_refused_commands_leave_a_finished_run_byte_for_byte(tmp_path):
-    data, run_dir = finished_run(tmp_path, "done")
+def test_refused_commands_leave_a_finished_run_byte_for_byte_and_an_overwrite_keeps_it_until_done(tmp_path):
+    data, run_dir = finished_run(tmp_path, "replaced")
     assert {".hydra", "gemma_ft.log", "config.yaml", "training_inputs.json"} <= {p.name for p in run_dir.iterdir()}
     before = tree_digest(run_dir)
     # Hydra's own run dir (not run.name) bypasses the check before Hydra starts: the run's record and log must
     # still be untouched.
-    for args in (overrides(data, "run.name=done"), overrides(data, f"hydra.run.dir={run_dir}"),
-                 overrides(data, f"hydra.run.dir={run_dir}", "optim.lr=1e-3")):
+    for args in (overrides(data, "run.name=replaced"), overrides(data, f"hydra.run.dir={run_dir}", "optim.lr=1e-3")):
         refused = run_cli(tmp_path, *args)
         assert refused.returncode == 2 and "holds a finished run" in refused.stderr, refused.stderr[-2000:]
         assert "Traceback" not in refused.stderr
         assert tree_digest(run_dir) == before
 
-
-@pytest.mark.slow
-def test_an_overwrite_keeps_the_earlier_run_until_it_has_finished(tmp_path):
-    data, run_dir = finished_run(tmp_path, "replaced")
     earlier = tree_digest(run_dir, ignore=("gemma_ft.log",))
     args = overrides(data, "run.name=replaced", "run.overwrite=true", "optim.lr=1e-3")
 
