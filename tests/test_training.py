@@ -15,7 +15,7 @@ from gemma_ft.training import (
     PadBeyondOneFlexBlock,
     pad_short_batches_for_flex_attention,
 )
-from tests.helpers import TINY, chess_rows, typed_config, write_csv
+from tests.helpers import START_OF_TURN_ID, TINY, chess_rows, typed_config, write_csv
 
 CONVERSATIONS = [
     ["Answer in one word.", "Which piece moves in Nf3?", "knight"],
@@ -45,7 +45,7 @@ def test_labels_are_exactly_the_assistant_replies(prepared):
             assert trained_text(tokenizer, row) == conversation.assistant + "<end_of_turn>\n"
             # Every label that trains is the input token itself (labels are not shifted here).
             assert all(label in (IGNORE_INDEX, tok) for tok, label in zip(row["input_ids"], row["labels"]))
-            assert row["input_ids"][:2] == [tokenizer.bos_token_id, 105]  # one BOS, then the first turn
+            assert row["input_ids"][:2] == [tokenizer.bos_token_id, START_OF_TURN_ID]  # one BOS, then the first turn
 
 
 def test_ddp_neither_searches_for_unused_weights_nor_broadcasts_the_constant_buffers(prepared):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gemma_ft.pipeline import run
-from tests.helpers import TINY, built_once, chess_rows, typed_config, write_csv
+from tests.helpers import END_OF_TURN_ID, EOS_ID, TINY, built_once, chess_rows, typed_config, write_csv
 
 GREEDY = ["sampling.do_sample=false"]
 
@@ -202,7 +202,7 @@ def test_gguf_q8_0_reads_back_within_its_quantisation_error_with_the_runs_metada
     assert (value("gemma3.attention.sliding_window"), value("gemma3.context_length"), value("gemma3.block_count")) == (
         config.sliding_window, config.max_position_embeddings, config.num_hidden_layers)
     assert (value("tokenizer.ggml.bos_token_id"), value("tokenizer.ggml.eos_token_id"),
-            value("tokenizer.ggml.eot_token_id")) == (2, 1, 106)
+            value("tokenizer.ggml.eot_token_id")) == (2, EOS_ID, END_OF_TURN_ID)
     tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
     assert value("tokenizer.chat_template") == tokenizer.chat_template
 
@@ -249,7 +249,7 @@ def test_merged_export_stops_at_end_of_turn_in_plain_transformers(finished):
 
     merged_dir = export_merged(finished[0], output="merged_eos")
     model = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32)
-    assert model.generation_config.eos_token_id == [1, 106]
+    assert model.generation_config.eos_token_id == [EOS_ID, END_OF_TURN_ID]
     prompt = AutoTokenizer.from_pretrained(str(merged_dir))(CHAT_PROMPTS[0], return_tensors="pt")
     start = prompt["input_ids"].shape[1]
 
@@ -257,15 +257,15 @@ def test_merged_export_stops_at_end_of_turn_in_plain_transformers(finished):
         def __call__(self, input_ids, scores):
             if input_ids.shape[1] - start == 2:
                 scores[:] = -float("inf")
-                scores[:, 106] = 0
+                scores[:, END_OF_TURN_ID] = 0
             else:
-                scores[:, [1, 106]] = -float("inf")
+                scores[:, [EOS_ID, END_OF_TURN_ID]] = -float("inf")
             return scores
 
     with torch.inference_mode():  # the folder's own generation config: no eos_token_id passed
         out = model.generate(**prompt, max_new_tokens=10, do_sample=False,
                              logits_processor=LogitsProcessorList([EndTurnAtThirdToken()]))
-    assert out[0, start:].tolist()[-1] == 106 and out.shape[1] - start == 3
+    assert out[0, start:].tolist()[-1] == END_OF_TURN_ID and out.shape[1] - start == 3
 
 
 def test_loss_plot_and_tensorboard_events_hold_the_logged_steps(finished):

@@ -15,6 +15,8 @@ from gemma_ft.cli_checks import CONF_DIR
 from gemma_ft.config import register_configs, to_typed
 
 ROOT = Path(__file__).resolve().parents[2]
+# Gemma 3's token ids that tests check outputs against (tests/test_chat_template.py checks them on the tokenizer).
+EOS_ID, START_OF_TURN_ID, END_OF_TURN_ID = 1, 105, 106
 
 # Fast settings for tiny-model runs; tests add what they check.
 TINY = [
