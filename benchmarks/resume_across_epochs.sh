@@ -1,4 +1,4 @@
-# Resume on a GPU across an epoch boundary, for each batching: an uninterrupted run, then the same run killed after
+# Resume across an epoch boundary (on a GPU, or a CPU), for each batching: an uninterrupted run, then the same run killed after
 # the checkpoint inside epoch 2 and resumed; prints the largest step-loss, eval-loss and adapter-weight differences.
 # Tiny model, 20 training rows in batches of 2 (10 steps an epoch), 14 steps, killed after checkpoint-12.
 #   bash benchmarks/resume_across_epochs.sh        (logs under $OUT)
