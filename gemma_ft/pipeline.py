@@ -72,7 +72,6 @@ class Prepared:
     model: Any
     trainer: Any
     rows_dropped_too_long: dict
-    resume_from: Path | None
     stop_on_signal: Any  # gemma_ft.callbacks.StopOnSignal
     train_rows: Any  # gemma_ft.data.encoding.EncodedRows: the training rows before batching
     batch_plan: Any  # gemma_ft.batching.BatchPlan
@@ -212,7 +211,7 @@ def prepare(cfg: Any, run_dir: str | Path | None = None, cleanup: ExitStack | No
                     100 * schedule.epochs, cfg.data.path, cfg.train.max_steps, cfg.train.num_train_epochs)
     if not batch_plan.packed:  # packed batches have one fixed shape of their own
         pad_short_batches_for_flex_attention(trainer, model, tokenizer)
-    return Prepared(cfg, run_dir, split, tokenizer, model, trainer, dropped, plan.resume_from, stop_on_signal,
+    return Prepared(cfg, run_dir, split, tokenizer, model, trainer, dropped, stop_on_signal,
                     train_rows, batch_plan, stop_on_divergence,
                     {"train": train_rows.replies_cut_off, "eval": eval_rows.replies_cut_off}, schedule, plan)
 
@@ -285,7 +284,7 @@ def _run(cfg: Any, run_dir: str | Path | None, records: Mapping[str, Any] | None
     memory = MemoryStats(cfg.debug.verbose)
     memory.start()
     try:
-        trainer.train(resume_from_checkpoint=str(p.resume_from) if p.resume_from else None)
+        trainer.train(resume_from_checkpoint=str(p.plan.resume_from) if p.plan.resume_from else None)
     except OSError as exc:
         if exc.errno not in DISK_FULL:
             raise

@@ -18,11 +18,10 @@ from omegaconf import OmegaConf
 from gemma_ft.config import Config
 from gemma_ft.data.conversations import Split, split_digest
 from gemma_ft.errors import ConfigError
-from gemma_ft.run_dir import RUN_CONFIG
+from gemma_ft.run_dir import BEFORE_RESUME, TRAINING_INPUTS
 
 log = logging.getLogger(__name__)
 
-TRAINING_INPUTS = "training_inputs.json"
 SHAPING_GROUPS = ("model", "lora", "data", "optim", "train")
 # Keys of those groups that change what a run reports, or how often it saves, but not what it learns.
 NOT_SHAPING = frozenset({
@@ -31,7 +30,6 @@ NOT_SHAPING = frozenset({
     "train.exact_match_rows", "train.max_new_tokens", "train.per_device_eval_batch_size",
 })
 DATA_DIGEST = "data.rows_digest"  # sha256 of the training and validation rows, in order
-BEFORE_RESUME = {TRAINING_INPUTS: "training_inputs.before-resume.json", RUN_CONFIG: "config.before-resume.yaml"}
 
 
 def training_inputs(cfg: Config, split: Split) -> dict[str, Any]:

@@ -26,6 +26,9 @@ from gemma_ft.errors import ConfigError
 log = logging.getLogger(__name__)
 
 RUN_CONFIG = "config.yaml"  # the typed config the run trained with: what generate, evaluate and export read
+TRAINING_INPUTS = "training_inputs.json"  # what shapes training: what a resume is checked against (resume_check)
+# A resume with changed settings (run.resume_changed=true) keeps the earlier run's under these names.
+BEFORE_RESUME = {TRAINING_INPUTS: "training_inputs.before-resume.json", RUN_CONFIG: "config.before-resume.yaml"}
 COMPLETE_MARKER = "gemma_ft_complete"
 LOCK_FILE = ".gemma_ft.lock"  # the process that owns the run directory: {"pid", "host", "since"}
 # A lock file still empty this long after its creation was left by a process that died while creating it.
@@ -35,9 +38,8 @@ OVERWRITE_STAGING = ".overwrite"  # an overwriting run's outputs until it has fi
 REPLACED = ".replaced"  # the earlier run's outputs while the overwrite's take their place
 # What a run writes into its directory (metrics.json last: with the adapter it marks the run finished). The log
 # (gemma_ft.log), the lock and anything else in the folder are not the run's outputs: an overwrite leaves them.
-RUN_OUTPUTS = (".hydra", RUN_CONFIG, "training_inputs.json", "config.before-resume.yaml",
-               "training_inputs.before-resume.json", "checkpoints", "adapter", "samples.json", "history.json",
-               "loss.png", "metrics.json")
+RUN_OUTPUTS = (".hydra", RUN_CONFIG, TRAINING_INPUTS, *BEFORE_RESUME.values(), "checkpoints", "adapter",
+               "samples.json", "history.json", "loss.png", "metrics.json")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -98,7 +100,7 @@ def plan_run(cfg: RunConfig, run_dir: Path) -> RunPlan:
             )
         return RunPlan(run_dir, None, work_dir)
     if cfg.resume == "auto":
-        checkpoints = complete_checkpoints(work_dir) if work_dir != run_dir or not cfg.overwrite else []
+        checkpoints = complete_checkpoints(work_dir)  # an overwrite's own, or none: see work_dir
         return RunPlan(run_dir, checkpoints[-1] if checkpoints else None, work_dir)
     path = Path(cfg.resume).expanduser().resolve()
     if not (path / "trainer_state.json").is_file():
