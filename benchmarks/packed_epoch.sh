@@ -19,10 +19,15 @@ for case in ${2:-packed unsloth padded}; do
     padded) args=(--case gemma_ft --set train.batching=padded --set lora.use_gradient_checkpointing=unsloth) ;;
     # the shipped defaults but with unsloth's offloaded checkpointing: the cost of checkpointing on its own
     packed_offload) args=(--case gemma_ft_defaults --set lora.use_gradient_checkpointing=unsloth) ;;
+    # checkpointing off / a step of 32,768 tokens, whatever the planner would choose
+    packed_nockpt) args=(--case gemma_ft_defaults --set lora.use_gradient_checkpointing=false) ;;
+    packed_32k) args=(--case gemma_ft_defaults --set lora.use_gradient_checkpointing=false --set train.tokens_per_step=32768) ;;
     unsloth) args=(--case unsloth) ;;
+    # the peers at the strongest settings they document (benchmarks/throughput.py CASES)
+    unsloth_packing|unsloth_default|trl_packing|hf) args=(--case $case) ;;
     # no training: whether packed rows see each other on this GPU's kernels, at a small budget that compiles quickly
     isolation) args=(--case gemma_ft_defaults --isolation-only --set train.tokens_per_step=2048) ;;
-    *) echo "unknown case $case (packed, packed_offload, padded, unsloth or isolation)" >&2; exit 2 ;;
+    *) echo "unknown case $case (packed, packed_nockpt, packed_32k, packed_offload, padded, unsloth, unsloth_packing, unsloth_default, trl_packing, hf or isolation)" >&2; exit 2 ;;
   esac
   limit=$(time_left ${CASE_TIMEOUT:-600})
   [ $limit -gt 30 ] || { echo "$case skipped: no time left"; continue; }

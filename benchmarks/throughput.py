@@ -175,6 +175,7 @@ class Meter:
         self.window_s: float | None = None  # wall time of the timed steps, GPU synchronised at both ends
         self.losses: list[float] = []
         self.first_step_end: float | None = None
+        self.loss_path: dict | None = None
         self._pending = self._padded_length = self._token_id_sum = 0
         self._last = self._window_start = None
 
@@ -211,6 +212,18 @@ class Meter:
             return step(model, inputs, *args, **kwargs)
 
         trainer.training_step = counted
+
+        def record_loss_path(module, args, kwargs, output):
+            # How the trainer's first training forward was called and what it returned: whether the loss went
+            # through a fused LM head (no [tokens, vocabulary] logits) or the logits were materialised.
+            logits = getattr(output, "logits", None)
+            meter.loss_path = {"fused_lm_head_kwarg": bool(kwargs.get("fused_lm_head")),
+                               "output": type(output).__name__,
+                               "logits_shape": list(logits.shape) if hasattr(logits, "shape") else None}
+            print(f"[bench] loss path: {meter.loss_path}", flush=True)
+            handle.remove()
+
+        handle = trainer.model.register_forward_hook(record_loss_path, with_kwargs=True)
 
         class Timer(TrainerCallback):
             def on_train_begin(self, args, state, control, **kw):
@@ -307,8 +320,16 @@ HOST_WAITS = ("aten::_local_scalar_dense", "aten::is_nonzero", "cudaStreamSynchr
 CASES = {
     "gemma_ft": (8, 1, "adamw_torch", "random"),
     "gemma_ft_defaults": (None, None, None, None),
+    # The strongest setting unsloth documents for many short rows: SFTConfig(packing=True) (padding-free bins of
+    # batch x max_length tokens: 8 x 2048 = 16,384, gemma_ft's step), with its notebook's offloaded checkpointing.
+    "unsloth_packing": (8, 1, "adamw_torch", "random"),
+    # unsloth with nothing set: it turns padding-free batches on by itself.
+    "unsloth_default": (8, 1, "adamw_torch", "random"),
+    # A weak extra, kept for continuity with earlier tables: padded batches of 8 rows (padding_free=False).
     "unsloth": (8, 1, "adamw_torch", "random"),
     "unsloth_notebook": (2, 4, "adamw_8bit", "random"),
+    # Plain TRL as its docs advise for throughput: packing=True (BFD, padding-free), Liger kernels when they import.
+    "trl_packing": (8, 1, "adamw_torch", "random"),
     "hf": (8, 1, "adamw_torch", "random"),
 }
 VAL_ROWS = 16
@@ -388,6 +409,7 @@ def rows_attend_only_to_themselves(prepared) -> float:
 
 
 def case_unsloth(args, data: Path, model_dir: Path):
+    """unsloth's Gemma 3 notebook as a user writes it; the case picks the batching (see CASES)."""
     from unsloth import FastModel
     from unsloth.chat_templates import get_chat_template, train_on_responses_only
 
@@ -402,11 +424,38 @@ def case_unsloth(args, data: Path, model_dir: Path):
                                             {"role": "assistant", "content": row.assistant}],
                                            tokenize=False).removeprefix("<bos>")
              for row in training_rows(args, data, model_dir)]
+    batching = {"unsloth_packing": dict(packing=True), "unsloth_default": {}}.get(args.case, dict(padding_free=False))
     trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=Dataset.from_dict({"text": texts}),
-                         args=sft_config(args, Path(args.workdir) / args.case, dataset_text_field="text",
-                                         padding_free=False))
+                         args=sft_config(args, Path(args.workdir) / args.case, dataset_text_field="text", **batching))
     return train_on_responses_only(trainer, instruction_part="<start_of_turn>user\n",
                                    response_part="<start_of_turn>model\n")
+
+
+def case_trl_packing(args, data: Path, model_dir: Path):
+    """Plain TRL + PEFT with packing=True (BFD bins, padding-free: transformers keeps each row to itself from the
+    restarting position_ids), completion-only loss, TRL's default checkpointing, Liger kernels if they import."""
+    import importlib.util
+
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16, device_map="cuda",
+                                                 attn_implementation="sdpa")
+    examples = training_rows(args, data, model_dir)
+    prompt = "<start_of_turn>user\n{}<end_of_turn>\n<start_of_turn>model\n"
+    dataset = Dataset.from_dict({"prompt": [prompt.format(r.user) for r in examples],
+                                 "completion": [r.assistant + "<end_of_turn>\n" for r in examples]})
+    liger = importlib.util.find_spec("liger_kernel") is not None
+    print(f"[bench] trl_packing: liger kernels {'on' if liger else 'not installed'}", flush=True)
+    return SFTTrainer(model=model, processing_class=tokenizer, train_dataset=dataset,
+                      peft_config=LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
+                                             task_type="CAUSAL_LM"),
+                      args=sft_config(args, Path(args.workdir) / args.case, packing=True, completion_only_loss=True,
+                                      use_liger_kernel=liger))
 
 
 def case_hf(args, data: Path, model_dir: Path):
@@ -536,7 +585,7 @@ def main() -> None:
     use_local_gpu()  # as gemma_ft does: each rank on its own GPU before any CUDA call
     compile_cache = cache_dir() / "compile"  # every case shares it: the first case of an arch compiles
     compile_cache_was_warm = compile_cache.is_dir() and any(compile_cache.rglob("*.*"))
-    if args.case != "hf":
+    if args.case not in ("hf", "trl_packing"):
         from gemma_ft.compile_cache import import_unsloth_with_persistent_compile_cache
 
         import_unsloth_with_persistent_compile_cache()  # as gemma_ft and every unsloth script: before transformers
@@ -552,6 +601,8 @@ def main() -> None:
         trainer = prepared.trainer
     elif args.case.startswith("unsloth"):
         trainer = case_unsloth(args, data, model_dir)
+    elif args.case == "trl_packing":
+        trainer = case_trl_packing(args, data, model_dir)
     else:
         trainer = case_hf(args, data, model_dir)
     if args.isolation_only:  # no training: the packed rows' isolation on this machine's kernels, then stop
@@ -628,7 +679,7 @@ def main() -> None:
         "time_to_first_step_s": meter.first_step_end, "params": n_params, "mean_tokens_per_row": mean_len,
         "bf16_peak_tflops": peak, "mfu": tokens_per_s * flops_per_token(args.arch, n_params, mean_len) / (peak * 1e12),
         "losses": meter.losses[:20], "eval_loss": eval_loss, "trained_steps": len(meter.times),
-        "epoch": args.epoch, "overrides": args.set, "cross_row_logit_change": isolation,
+        "epoch": args.epoch, "overrides": args.set, "loss_path": meter.loss_path, "cross_row_logit_change": isolation,
         "batching": ("packed" if prepared.batch_plan.packed else "padded") if prepared is not None else "padded",
         "tokens_per_step": prepared.batch_plan.tokens_per_step if prepared is not None else None,
         "gradient_checkpointing": str(prepared.batch_plan.gradient_checkpointing) if prepared is not None else "unsloth",
@@ -644,6 +695,10 @@ def main() -> None:
         "step_token_id_sums_by_rank": [r["token_id_sums"] for r in batches_by_rank],
         "step_pinned_host_allocs_by_rank": [r["pinned_allocs"] for r in batches_by_rank],  # (blocks, seconds)
     }
+    if prepared is not None:  # what the product measured of itself (metrics.json's fields), beside the meter's
+        from gemma_ft.pipeline import speed_metrics
+
+        result["gemma_ft_metrics"] = speed_metrics(prepared)
     with open(args.out, "a") as handle:
         handle.write(json.dumps(result) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "losses"}, indent=1))

@@ -14,6 +14,12 @@ from pathlib import Path
 from gemma_ft.models.builtin import cache_dir
 
 
+def holds_compiled_kernels() -> bool:
+    """Whether an earlier run on this machine (or a shared cache) left compiled kernels: a warm start."""
+    root = cache_dir() / "compile"
+    return any(any((root / name).glob("*")) for name in ("inductor", "unsloth", "triton") if (root / name).is_dir())
+
+
 def import_unsloth_with_persistent_compile_cache() -> Path:
     """Import unsloth (before transformers, trl and peft: it patches them) with its compile caches under
     <GEMMA_FT_CACHE>/compile; a cache variable the user set wins. Returns that folder."""

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 from omegaconf import OmegaConf
 
-from gemma_ft.compile_cache import import_unsloth_with_persistent_compile_cache
+from gemma_ft.compile_cache import holds_compiled_kernels, import_unsloth_with_persistent_compile_cache
 from gemma_ft.config import Config, to_typed
 from gemma_ft.console import open_run_logs, quiet_libraries
 from gemma_ft.data.conversations import (
@@ -79,6 +79,9 @@ class Prepared:
     replies_cut_off: dict  # per split: assistant turns of kept rows that max_seq_length cut off entirely
     schedule: Any  # gemma_ft.training.Schedule: optimizer steps and the epochs of the data they cover
     plan: RunPlan  # where the run writes (its staging folder when it replaces an earlier run) and resumes from
+    speed: Any  # gemma_ft.speed.SpeedMonitor: tokens/s, step shapes and compiles, measured during training
+    startup: Any  # gemma_ft.startup.StartupClock: where the time to the first step went
+    batch_plan_steps_down: list  # the batch plans measured and refused on the way to batch_plan, one line each
 
 
 class RunDiverged(UserError):
@@ -131,6 +134,7 @@ def prepare(cfg: Any, run_dir: str | Path | None = None, cleanup: ExitStack | No
             cleanup.callback(release_run_lock, lock)
     plan, resumed_with_changes = plan_and_check_resume(cfg, run_dir, inputs)
     startup.mark("config and data checks")
+    startup.compile_cache_was_warm = holds_compiled_kernels()
     use_local_gpu()
     quiet_libraries(cfg.debug.verbose)
     import_unsloth_with_persistent_compile_cache()
@@ -141,7 +145,7 @@ def prepare(cfg: Any, run_dir: str | Path | None = None, cleanup: ExitStack | No
 
     import datasets
 
-    from gemma_ft.batching import plan_batching
+    from gemma_ft.speed import SpeedMonitor
     from gemma_ft.callbacks import (
         LogEveryFinalStep,
         MarkCheckpointComplete,
@@ -151,11 +155,10 @@ def prepare(cfg: Any, run_dir: str | Path | None = None, cleanup: ExitStack | No
     )
     from gemma_ft.chat_template import apply_gemma3_template
     from gemma_ft.data.encoding import encode_conversations
-    from gemma_ft.models.loading import add_lora_adapters, load_model, load_tokenizer, resolve_model_path
-    from transformers.trainer_callback import ProgressCallback
+    from gemma_ft.models.loading import load_tokenizer, resolve_model_path
 
-    from gemma_ft.console import progress_callback, quiet_library_progress
-    from gemma_ft.training import build_trainer, pad_short_batches_for_flex_attention, training_schedule
+    from gemma_ft.console import quiet_library_progress
+    from gemma_ft.training import training_schedule
 
     quiet_library_progress(cfg.debug.verbose)
     startup.mark("imports")
@@ -177,43 +180,85 @@ def prepare(cfg: Any, run_dir: str | Path | None = None, cleanup: ExitStack | No
     if is_main_process():
         claim_run_dir(plan, cfg, inputs, resumed_with_changes, records or {})
     wait_for_everyone()  # the other ranks' trainers write into the folder rank 0 has just made
-    model = load_model(cfg.model, model_path, cfg.train.max_seq_length)
-    log.info("Model: %s, %s parameters, %s", model_path, f"{model.num_parameters():,}", model.dtype)
-    startup.mark("model load")
-    # The batch shape and checkpointing follow from the model's size and the memory it leaves free.
-    batch_plan = plan_batching(cfg.train, cfg.lora.use_gradient_checkpointing, model.config.get_text_config(),
-                               free_gpu_bytes())
-    log.info(batch_plan.describe())
-    model = add_lora_adapters(model, cfg.lora, cfg.train.seed, batch_plan.gradient_checkpointing)
-    if plan.resume_from is not None:
-        load_adapters_on_own_gpu(model)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("LoRA: r=%d on %s%s; %s trainable parameters", cfg.lora.r, ", ".join(cfg.lora.target_modules),
-             " and the output head" if cfg.lora.train_lm_head else "", f"{trainable:,}")
-    startup.mark("LoRA patching")
-
     # The data lives in memory; caching it on disk would only cost time.
     datasets.disable_caching()
     stop_on_signal = StopOnSignal()
     stop_on_divergence = StopOnDivergence()
+    speed = SpeedMonitor(tokenizer.pad_token_id)
     callbacks = [MarkCheckpointComplete(), LogEveryFinalStep(), stop_on_signal, stop_on_divergence,
                  ReportStartupAtFirstStep(startup)]
-    trainer = build_trainer(model, tokenizer, train_rows.dataset(), eval_rows.dataset(), cfg, batch_plan,
-                            checkpoint_dir(plan.work_dir), callbacks)
+    model, trainer, batch_plan, steps_down = build_model_and_trainer(
+        cfg, model_path, tokenizer, train_rows.dataset(), eval_rows.dataset(), plan, callbacks, speed, startup)
+    log.info(batch_plan.describe())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("LoRA: r=%d on %s%s; %s trainable parameters", cfg.lora.r, ", ".join(cfg.lora.target_modules),
+             " and the output head" if cfg.lora.train_lm_head else "", f"{trainable:,}")
+    startup.mark("LoRA, trainer and batch plan")
     check_every_rank_read_the_same_rows(cfg.data.path, split)  # the Trainer has started the ranks' process group
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(progress_callback(cfg.debug.verbose))
     schedule = training_schedule(trainer)
     log.info(schedule.describe())
     if schedule.epochs < 1 and not cfg.data.path.startswith(BUILTIN_PREFIX):
         log.warning("This run sees only %.0f%% of the training rows of %s: train.max_steps=%d; set "
                     "train.max_steps=-1 to train for train.num_train_epochs (now %g) instead",
                     100 * schedule.epochs, cfg.data.path, cfg.train.max_steps, cfg.train.num_train_epochs)
-    if not batch_plan.packed:  # packed batches have one fixed shape of their own
-        pad_short_batches_for_flex_attention(trainer, model, tokenizer)
     return Prepared(cfg, run_dir, split, tokenizer, model, trainer, dropped, stop_on_signal,
                     train_rows, batch_plan, stop_on_divergence,
-                    {"train": train_rows.replies_cut_off, "eval": eval_rows.replies_cut_off}, schedule, plan)
+                    {"train": train_rows.replies_cut_off, "eval": eval_rows.replies_cut_off}, schedule, plan,
+                    speed, startup, steps_down)
+
+
+def build_model_and_trainer(cfg: Config, model_path: str, tokenizer, train_dataset, eval_dataset, run_plan: RunPlan,
+                            callbacks: list, speed, startup):
+    """Model -> LoRA -> trainer for the batch plan that fits: on a GPU the first candidate whose one measured step
+    fits (gemma_ft.batching), on a CPU the one plan. Returns (model, trainer, plan, the step-downs on the way).
+
+    A step down loads the model again: LoRA (and the checkpointing it sets up) is applied to the loaded model in
+    place."""
+    import torch
+
+    from gemma_ft.batching import batch_candidates, choose_batch_plan
+    from gemma_ft.console import progress_callback
+    from gemma_ft.memory_probe import StepMemoryCache, agree_across_ranks, measure_step, step_memory_scope
+    from gemma_ft.models.builtin import cache_dir
+    from gemma_ft.models.loading import add_lora_adapters, load_model
+    from gemma_ft.training import build_trainer, pad_short_batches_for_flex_attention
+    from transformers.trainer_callback import ProgressCallback
+
+    base = {"model": load_model(cfg.model, model_path, cfg.train.max_seq_length)}
+    log.info("Model: %s, %s parameters, %s", model_path, f"{base['model'].num_parameters():,}", base["model"].dtype)
+    startup.mark("model load")
+    built = {}
+
+    def build(plan):
+        built.clear()
+        release_accelerator_memory()  # what an earlier candidate left
+        model = base.pop("model") if base else load_model(cfg.model, model_path, cfg.train.max_seq_length)
+        model = add_lora_adapters(model, cfg.lora, cfg.train.seed, plan.gradient_checkpointing)
+        if run_plan.resume_from is not None:
+            load_adapters_on_own_gpu(model)
+        trainer = build_trainer(model, tokenizer, train_dataset, eval_dataset, cfg, plan,
+                                checkpoint_dir(run_plan.work_dir), callbacks, speed)
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(progress_callback(cfg.debug.verbose))
+        if not plan.packed:  # packed batches have one fixed shape of their own
+            pad_short_batches_for_flex_attention(trainer, model, tokenizer)
+        built.update(model=model, trainer=trainer)
+        return trainer
+
+    candidates = batch_candidates(cfg.train, cfg.lora.use_gradient_checkpointing, on_gpu=torch.cuda.is_available())
+    if not torch.cuda.is_available():
+        build(candidates[0])
+        return built["model"], built["trainer"], candidates[0], []
+    step_memory = StepMemoryCache(cache_dir() / "compile" / "step_memory.json",
+                                  step_memory_scope(model_path, cfg.model, cfg.lora, cfg.train.max_seq_length))
+
+    def measure(plan):
+        measurement = agree_across_ranks(measure_step(build(plan), plan))
+        step_memory.put(plan, measurement)
+        return measurement
+
+    plan, steps_down = choose_batch_plan(candidates, measure, step_memory.get, log.warning)
+    return built["model"], built["trainer"], plan, steps_down
 
 
 def plan_and_check_resume(cfg: Config, run_dir: Path, inputs: dict) -> tuple[RunPlan, Path | None]:
@@ -342,6 +387,7 @@ def _run(cfg: Any, run_dir: str | Path | None, records: Mapping[str, Any] | None
         "rows_dropped_too_long": p.rows_dropped_too_long,
         "replies_cut_off": p.replies_cut_off,
         "epochs": p.schedule.epochs,
+        **speed_metrics(p),
         # The whole job, from its config to its saved outputs (model load, compilation, evaluation and exact
         # match included); train_runtime_s is the training loop alone.
         "runtime_s": time.perf_counter() - started_at,
@@ -357,6 +403,23 @@ def _run(cfg: Any, run_dir: str | Path | None, records: Mapping[str, Any] | None
              metrics["eval_loss"], metrics["exact_match_before"], metrics["exact_match_after"], len(em_rows),
              p.run_dir)
     return metrics
+
+
+def speed_metrics(p: Prepared) -> dict:
+    """How fast this run trained and how its batches were chosen (gemma_ft.speed, gemma_ft.batching)."""
+    n_params = sum(parameter.numel() for parameter in p.model.parameters())
+    lengths = [len(ids) for ids in p.train_rows.input_ids]
+    startup = p.startup
+    return {
+        **p.speed.report(p.model.config.get_text_config(), n_params, sum(lengths) / len(lengths)),
+        "gradient_checkpointing": p.batch_plan.gradient_checkpointing,
+        "measured_step_peak_gib": (p.batch_plan.measured_peak_bytes / 2**30
+                                   if p.batch_plan.measured_peak_bytes is not None else None),
+        "batch_plan_steps_down": p.batch_plan_steps_down,
+        "time_to_first_step_s": startup.total() if "first step" in startup.phases else None,
+        "startup_s": dict(startup.phases),
+        "compile_cache_was_warm": startup.compile_cache_was_warm,
+    }
 
 
 def eval_rows_count(p: Prepared) -> int:

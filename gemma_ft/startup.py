@@ -17,11 +17,15 @@ class StartupClock:
     def __init__(self):
         self._last = time.perf_counter()
         self.phases: dict[str, float] = {"process start": process_age_s()}
+        self.compile_cache_was_warm: bool | None = None  # a cold start compiles every kernel; set by the runner
 
     def mark(self, phase: str) -> None:
         now = time.perf_counter()
         self.phases[phase] = now - self._last
         self._last = now
+
+    def total(self) -> float:
+        return sum(self.phases.values())
 
     def report(self) -> str:
         detail = ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in self.phases.items())

@@ -23,7 +23,9 @@ from gemma_ft.plots import curve, plot_sweep_eval_losses
 STATUS_FILE = "status.json"
 SWEEP_OWNER = ".gemma_ft_sweep"  # created once, exclusively, by the sweep that owns the folder
 METRIC_COLUMNS = ["final_eval_loss", "best_eval_loss", "final_train_loss", "exact_match_after", "runtime_s",
-                  "train_runtime_s", "peak_memory_gib"]
+                  "train_runtime_s", "peak_memory_gib", "tokens_per_s", "mfu", "time_to_first_step_s"]
+# The speed columns a run measures itself (gemma_ft.speed); mfu is empty on a CPU.
+SPEED_COLUMNS = ["tokens_per_s", "mfu", "time_to_first_step_s"]
 # Losses are shown to 4 decimals: jobs equal at that precision are a tie, never one arbitrary "best".
 LOSS_DECIMALS = 4
 
@@ -70,6 +72,7 @@ def collect_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
             "runtime_s": metrics.get("runtime_s"),
             "train_runtime_s": metrics.get("train_runtime_s"),
             "peak_memory_gib": metrics.get("peak_memory_gib"),
+            **{column: metrics.get(column) for column in SPEED_COLUMNS},
             "eval_curve": evals,
         })
     return sorted(jobs, key=lambda j: j["num"])

@@ -15,8 +15,10 @@ log = logging.getLogger(__name__)
 
 
 def build_trainer(model, tokenizer, train_dataset, eval_dataset, cfg: Config, plan: BatchPlan, checkpoint_dir: Path,
-                  callbacks=()):
-    """The SFTTrainer over datasets that already carry their labels (TRL keeps a `labels` column as it is)."""
+                  callbacks=(), speed_monitor=None):
+    """The SFTTrainer over datasets that already carry their labels (TRL keeps a `labels` column as it is).
+
+    `speed_monitor` (gemma_ft.speed.SpeedMonitor) sees every training batch and is one of the callbacks."""
     from trl import SFTConfig, SFTTrainer
 
     t, o = cfg.train, cfg.optim
@@ -72,14 +74,15 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset, cfg: Config, pl
         dataset_num_proc=1,
         disable_tqdm=False,
     )
-    return _gemma_ft_trainer(SFTTrainer)(
+    callbacks = list(callbacks) + ([speed_monitor] if speed_monitor is not None else [])
+    return _gemma_ft_trainer(SFTTrainer, speed_monitor)(
         model=model,
         processing_class=tokenizer,
         data_collator=collator,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         args=args,
-        callbacks=list(callbacks),
+        callbacks=callbacks,
     )
 
 
@@ -111,12 +114,17 @@ class EpochSeededLengthGroupedSampler:
         return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
 
 
-def _gemma_ft_trainer(trainer_class):
+def _gemma_ft_trainer(trainer_class, speed_monitor=None):
     """trainer_class with two fixes of transformers' loop for resumed runs: the length-grouped training order is an
     EpochSeededLengthGroupedSampler, and a run resumed from its final checkpoint trains no step beyond it."""
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
     class Trainer(trainer_class):
+        def training_step(self, model, inputs, *args, **kwargs):
+            if speed_monitor is not None:  # gemma_ft.speed.SpeedMonitor: each batch's real tokens and shape
+                speed_monitor.count(inputs)
+            return super().training_step(model, inputs, *args, **kwargs)
+
         def _get_train_sampler(self, train_dataset=None):
             sampler = super()._get_train_sampler(train_dataset)
             if type(sampler) is LengthGroupedSampler:

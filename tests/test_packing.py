@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from gemma_ft.batching import PACKED_TOKENS_CAP, activation_bytes_per_token, plan_batching
+from gemma_ft.batching import PACKED_TOKENS_CAP, Measurement, StepDoesNotFit, batch_candidates, choose_batch_plan
 from gemma_ft.data.encoding import IGNORE_INDEX, encode_conversations
 from gemma_ft.pipeline import prepare
 from gemma_ft.training import PackedBinCollator
@@ -146,8 +146,6 @@ def test_the_filler_is_a_row_of_its_own_that_never_trains():
         PackedBinCollator(4, pad_token_id=0)([bin_])
 
 
-GEMMA3_1B = SimpleNamespace(hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
-                            num_key_value_heads=1, head_dim=256, vocab_size=262144)
 GIB = 2**30
 
 
@@ -157,28 +155,90 @@ def train_cfg(**overrides):
 
 
 def test_auto_packs_on_a_gpu_and_pads_on_a_cpu():
-    assert not plan_batching(train_cfg(), "auto", GEMMA3_1B, free_gpu_bytes=None).packed
-    assert plan_batching(train_cfg(), "auto", GEMMA3_1B, free_gpu_bytes=130 * GIB).packed
-    cpu_packed = plan_batching(train_cfg(batching="packed"), "auto", GEMMA3_1B, None)
-    assert cpu_packed.packed and cpu_packed.tokens_per_step == 8 * 512
-    assert cpu_packed.gradient_checkpointing == "unsloth"  # unsloth's CPU default, kept
-    assert not plan_batching(train_cfg(batching="padded"), "auto", GEMMA3_1B, 130 * GIB).packed
+    cpu = batch_candidates(train_cfg(), "auto", on_gpu=False)
+    assert len(cpu) == 1 and not cpu[0].packed and cpu[0].gradient_checkpointing == "unsloth"  # unsloth's CPU default
+    assert all(plan.packed for plan in batch_candidates(train_cfg(), "auto", on_gpu=True))
+    cpu_packed = batch_candidates(train_cfg(batching="packed"), "auto", on_gpu=False)
+    assert [(p.packed, p.tokens_per_step) for p in cpu_packed] == [(True, 8 * 512)]
+    assert not any(p.packed for p in batch_candidates(train_cfg(batching="padded"), "auto", on_gpu=True))
 
 
-def test_the_token_budget_and_checkpointing_follow_the_free_memory():
-    roomy = plan_batching(train_cfg(), "auto", GEMMA3_1B, free_gpu_bytes=130 * GIB)
-    assert roomy.tokens_per_step == PACKED_TOKENS_CAP and roomy.gradient_checkpointing is False
-    # a GPU with little room left: fewer tokens, checkpointing offloaded
-    tight = plan_batching(train_cfg(), "auto", GEMMA3_1B, free_gpu_bytes=6 * GIB)
-    assert tight.tokens_per_step < PACKED_TOKENS_CAP and tight.gradient_checkpointing == "unsloth"
-    assert tight.tokens_per_step >= 512 and tight.tokens_per_step & (tight.tokens_per_step - 1) == 0
-    assert tight.tokens_per_step * activation_bytes_per_token(GEMMA3_1B, True) <= 0.6 * 6 * GIB
-    # the user's explicit choices win
-    fixed = plan_batching(train_cfg(tokens_per_step=4096), "unsloth", GEMMA3_1B, free_gpu_bytes=130 * GIB)
-    assert fixed.tokens_per_step == 4096 and fixed.gradient_checkpointing == "unsloth"
-    # a bin always holds the longest row
-    long_rows = plan_batching(train_cfg(max_seq_length=32768), "auto", GEMMA3_1B, free_gpu_bytes=130 * GIB)
-    assert long_rows.tokens_per_step == 32768
+def test_gpu_candidates_try_no_checkpointing_first_and_keep_the_users_choices():
+    plans = [(p.tokens_per_step, p.gradient_checkpointing) for p in batch_candidates(train_cfg(), "auto", True)]
+    assert plans[:3] == [(PACKED_TOKENS_CAP, False), (PACKED_TOKENS_CAP // 2, False), (PACKED_TOKENS_CAP, "unsloth")]
+    assert plans[-1] == (512, "unsloth")  # down to max_seq_length: a bin holds the longest row whole
+    fixed = batch_candidates(train_cfg(tokens_per_step=4096), "unsloth", True)
+    assert [(p.tokens_per_step, p.gradient_checkpointing) for p in fixed] == [(4096, "unsloth")]
+    assert [p.tokens_per_step for p in batch_candidates(train_cfg(max_seq_length=32768), "auto", True)] == \
+        [32768, 32768]  # off, then the offload: never a bin shorter than the longest row
+    padded = batch_candidates(train_cfg(batching="padded"), "auto", True)
+    assert [p.gradient_checkpointing for p in padded] == [False, "unsloth"]
+
+
+def fake_gpu(peaks: dict, limit=70 * GIB, optimizer=GIB):
+    """A measure() that answers from a table of plan key -> peak bytes (None: out of memory), and its calls."""
+    calls = []
+
+    def measure(plan):
+        calls.append(plan.key())
+        return Measurement(peaks[plan.key()], limit, optimizer)
+
+    return measure, calls
+
+
+def test_the_planner_keeps_the_first_measured_plan_that_fits():
+    candidates = batch_candidates(train_cfg(), "auto", True)
+    measure, calls = fake_gpu({"packed-16384-False": 28 * GIB})
+    plan, steps_down = choose_batch_plan(candidates, measure, say=lambda line: None)
+    assert (plan.tokens_per_step, plan.gradient_checkpointing, plan.measured_peak_bytes) == (16384, False, 28 * GIB)
+    assert calls == ["packed-16384-False"] and steps_down == []
+
+
+def test_the_planner_steps_down_on_running_out_of_memory_or_over_the_limit_and_says_so():
+    candidates = batch_candidates(train_cfg(), "auto", True)
+    said = []
+    measure, calls = fake_gpu({"packed-16384-False": None, "packed-8192-False": 69.5 * GIB,
+                               "packed-16384-unsloth": 6 * GIB})
+    plan, steps_down = choose_batch_plan(candidates, measure, say=said.append)
+    assert (plan.tokens_per_step, plan.gradient_checkpointing) == (16384, "unsloth")
+    assert calls == ["packed-16384-False", "packed-8192-False", "packed-16384-unsloth"]
+    assert "packed-16384-False: one step ran out of GPU memory; stepping down" in steps_down[0]
+    assert "peaked at 69.5 GiB, plus 1.0 GiB of optimizer state, over the 70.0 GiB" in steps_down[1]
+    assert said == [f"Batch plan {line}" for line in steps_down]
+
+
+def test_the_planner_skips_what_it_measured_before_and_still_measures_its_choice():
+    candidates = batch_candidates(train_cfg(), "auto", True)
+    known = {"packed-16384-False": Measurement(None, 70 * GIB, GIB)}
+    measure, calls = fake_gpu({"packed-8192-False": 20 * GIB})
+    plan, steps_down = choose_batch_plan(candidates, measure, lambda p: known.get(p.key()), say=lambda line: None)
+    assert (plan.tokens_per_step, plan.gradient_checkpointing) == (8192, False)
+    assert calls == ["packed-8192-False"]  # the known-bad plan cost no model load and no step
+    assert "skipped, measured before on this GPU" in steps_down[0]
+
+
+def test_when_even_the_smallest_plan_runs_out_of_memory_the_run_ends_with_one_line():
+    measure, _ = fake_gpu({"packed-4096-unsloth": None})
+    with pytest.raises(StepDoesNotFit, match="no batch plan fits this GPU.*lower train.tokens_per_step"):
+        choose_batch_plan(batch_candidates(train_cfg(tokens_per_step=4096), "unsloth", True), measure,
+                          say=lambda line: None)
+    # the user's fixed plan, measured over the margin but running, is kept: not refused for a margin
+    measure, _ = fake_gpu({"packed-4096-unsloth": 75 * GIB})
+    plan, _ = choose_batch_plan(batch_candidates(train_cfg(tokens_per_step=4096), "unsloth", True), measure,
+                                say=lambda line: None)
+    assert plan.measured_peak_bytes == 75 * GIB
+
+
+def test_step_memory_is_remembered_per_gpu_and_model(tmp_path):
+    from gemma_ft.memory_probe import StepMemoryCache
+
+    plan = batch_candidates(train_cfg(), "auto", True)[0]
+    one = StepMemoryCache(tmp_path / "step_memory.json", {"gpu": "H100", "architecture": {"hidden_size": 1152}})
+    assert one.get(plan) is None
+    one.put(plan, Measurement(28 * GIB, 70 * GIB, GIB))
+    assert one.get(plan) == Measurement(28 * GIB, 70 * GIB, GIB)
+    other_gpu = StepMemoryCache(tmp_path / "step_memory.json", {"gpu": "H200", "architecture": {"hidden_size": 1152}})
+    assert other_gpu.get(plan) is None
 
 
 def test_a_token_budget_below_max_seq_length_is_refused_before_loading(tmp_path):
