@@ -216,14 +216,17 @@ class Meter:
         def record_loss_path(module, args, kwargs, output):
             # How the trainer's first training forward was called and what it returned: whether the loss went
             # through a fused LM head (no [tokens, vocabulary] logits) or the logits were materialised.
-            logits = getattr(output, "logits", None)
+            import torch
+
+            logits = getattr(output, "logits", None)  # unsloth's fused loss returns a placeholder, not a tensor
             meter.loss_path = {"fused_lm_head_kwarg": bool(kwargs.get("fused_lm_head")),
-                               "output": type(output).__name__,
-                               "logits_shape": list(logits.shape) if hasattr(logits, "shape") else None}
+                               "output": type(output).__name__, "logits": type(logits).__name__,
+                               "logits_shape": list(logits.shape) if isinstance(logits, torch.Tensor) else None}
             print(f"[bench] loss path: {meter.loss_path}", flush=True)
             handle.remove()
 
-        handle = trainer.model.register_forward_hook(record_loss_path, with_kwargs=True)
+        if hasattr(trainer, "model"):  # a real trainer (tests pass a stand-in)
+            handle = trainer.model.register_forward_hook(record_loss_path, with_kwargs=True)
 
         class Timer(TrainerCallback):
             def on_train_begin(self, args, state, control, **kw):

@@ -8,31 +8,29 @@ The rules (README "Performance"; measurements in benchmarks/results/):
   a 2-core CPU, packed bins of 4,096 tokens ran at 0.85x padded batches of 8 rows (dense attention over the whole
   bin; benchmarks/results/2026-12-04-cpu-270m-packed-vs-padded/).
 * On a GPU the candidates are tried best first (`batch_candidates`): no checkpointing at the largest step, then at
-  half of it, then unsloth's offloaded checkpointing from the largest step down. Each candidate is measured by one
-  forward and backward pass at its exact shape (`gemma_ft.memory_probe`); the first whose measured peak plus the
-  optimizer's state fits the card is kept, and every step down is logged with its reason. An earlier hand
-  estimate of ~3.3 MB of activations per token for the 1B (54 GB at 16,384 tokens) chose the offload on an 80 GB
-  card where the measured peak without checkpointing was 27.9 GiB (2026-12-07): the offload cost 27% of the
-  throughput there. On a CPU nothing is measured: padded rows, unsloth's checkpointing.
+  half of it, then unsloth's offloaded checkpointing from the largest step down. Training starts with the first;
+  if its first step runs out of GPU memory, the model is loaded again with the next and training starts over
+  (gemma_ft.pipeline.train_stepping_down), each step down logged with its reason. The first step's peak is
+  measured and kept per GPU and model (`gemma_ft.memory_probe`), so later runs skip the plans known not to fit.
+  The measurement is the first training step itself: a separate forward and backward pass before
+  trainer.train() made unsloth reset its compiled graphs, and the next step crashed (H100, 2026-12-08). An earlier
+  hand estimate of ~3.3 MB of activations per token for the 1B (54 GB at 16,384 tokens) chose the offload on an
+  80 GB card where the step fits without it (2026-12-07): the offload cost 27% of the throughput there. On a CPU
+  nothing is measured: padded rows, unsloth's checkpointing.
 * `train.tokens_per_step` and `lora.use_gradient_checkpointing` set by the user are kept: only what is left to
   `auto`/`null` is chosen.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from gemma_ft.errors import UserError
 
 # 16k tokens a step brings the 1B to ~33% MFU on this stack; an epoch of a few thousand rows then still has ~75
 # optimizer steps. (32k: see docs/performance.md.)
 PACKED_TOKENS_CAP = 16384
-# The share of the card's memory a step may take, measured peak plus the optimizer state it has not allocated yet:
-# the rest absorbs the allocator's fragmentation over a run and evaluation's different shapes.
-MEMORY_SHARE = 0.9
-# AdamW keeps two float32 moments per trainable parameter (8-bit optimizers keep less: this is the upper bound).
-OPTIMIZER_BYTES_PER_PARAMETER = 8
 
 
 @dataclass(frozen=True)
@@ -40,13 +38,10 @@ class BatchPlan:
     packed: bool
     tokens_per_step: int | None  # per device; packed only
     gradient_checkpointing: Any  # False | True | "unsloth", as unsloth's get_peft_model takes it
-    measured_peak_bytes: int | None = None  # the calibration step's peak (GPU only)
 
     def describe(self) -> str:
         steps = f"packed, {self.tokens_per_step} tokens per step and device" if self.packed else "padded rows"
-        measured = "" if self.measured_peak_bytes is None else \
-            f"; one step measured at {self.measured_peak_bytes / 2**30:.1f} GiB peak"
-        return f"Batches: {steps}; gradient checkpointing {self.gradient_checkpointing}{measured}"
+        return f"Batches: {steps}; gradient checkpointing {self.gradient_checkpointing}"
 
     def key(self) -> str:
         return f"{'packed' if self.packed else 'padded'}-{self.tokens_per_step}-{self.gradient_checkpointing}"
@@ -79,55 +74,37 @@ def batch_candidates(train_cfg, checkpointing_cfg: Any, on_gpu: bool) -> list[Ba
 
 
 class StepDoesNotFit(UserError):
-    """Even the smallest batch plan ran out of GPU memory in its calibration step."""
+    """Even the smallest batch plan's first step ran out of GPU memory."""
 
 
 @dataclass(frozen=True)
 class Measurement:
-    """One calibration step: its peak (None when it ran out of memory) and what the card allows for it."""
+    """One measured first step (its optimizer step included): its peak reserved memory (None when it ran out of
+    memory) and the card's memory less what other processes held."""
 
     peak_bytes: int | None
-    limit_bytes: int  # MEMORY_SHARE of the card, less what other processes hold
-    optimizer_bytes: int
+    limit_bytes: int
 
     @property
     def fits(self) -> bool:
-        return self.peak_bytes is not None and self.peak_bytes + self.optimizer_bytes <= self.limit_bytes
+        return self.peak_bytes is not None and self.peak_bytes <= self.limit_bytes
 
     def why_not(self) -> str:
         if self.peak_bytes is None:
-            return "one step ran out of GPU memory"
-        return (f"one step peaked at {self.peak_bytes / 2**30:.1f} GiB, plus {self.optimizer_bytes / 2**30:.1f} GiB "
-                f"of optimizer state, over the {self.limit_bytes / 2**30:.1f} GiB this GPU allows")
+            return "its first step ran out of GPU memory"
+        return (f"its first step peaked at {self.peak_bytes / 2**30:.1f} GiB, over the "
+                f"{self.limit_bytes / 2**30:.1f} GiB free")
 
 
-def choose_batch_plan(candidates: Iterable[BatchPlan], measure: Callable[[BatchPlan], Measurement],
-                      known: Callable[[BatchPlan], Measurement | None] = lambda plan: None,
-                      say: Callable[[str], None] = print) -> tuple[BatchPlan, list[str]]:
-    """The first candidate whose measured step fits, and the step-downs on the way (one line each).
-
-    `known` answers from earlier runs on this card and model (gemma_ft.memory_probe.StepMemoryCache) without a
-    step; a candidate it knows does not fit is skipped. The chosen one is always measured here: another process may
-    hold memory now. The last candidate is taken if its step ran at all, even above MEMORY_SHARE (a run whose
-    choices the user fixed is not refused for a margin); if it ran out of memory the run ends with StepDoesNotFit.
-    """
-    candidates = list(candidates)
-    steps_down = []
+def skip_known_misfits(candidates: list[BatchPlan], known: Callable[[BatchPlan], Measurement | None]
+                       ) -> tuple[list[BatchPlan], list[str]]:
+    """The candidates without those whose first step an earlier run on this GPU and model measured not to fit
+    (gemma_ft.memory_probe.StepMemoryCache), the last one always kept; and one line for each skipped."""
+    kept, skipped = [], []
     for index, plan in enumerate(candidates):
-        last = index == len(candidates) - 1
         earlier = known(plan)
-        if earlier is not None and not earlier.fits and not last:
-            steps_down.append(f"{plan.key()}: skipped, measured before on this GPU: {earlier.why_not()}")
-            say(f"Batch plan {steps_down[-1]}")
-            continue
-        measurement = measure(plan)
-        if measurement.fits or (last and measurement.peak_bytes is not None):
-            return replace(plan, measured_peak_bytes=measurement.peak_bytes), steps_down
-        if last:
-            raise StepDoesNotFit(
-                f"no batch plan fits this GPU: the smallest, {plan.key()} ({plan.describe()}), ran out of memory; "
-                "lower train.tokens_per_step or train.max_seq_length, set lora.use_gradient_checkpointing=unsloth, "
-                "or load the model in 4-bit (model.load_in_4bit=true)")
-        steps_down.append(f"{plan.key()}: {measurement.why_not()}; stepping down")
-        say(f"Batch plan {steps_down[-1]}")
-    raise ValueError("no batch plan candidates")
+        if earlier is not None and not earlier.fits and (kept or index < len(candidates) - 1):
+            skipped.append(f"{plan.key()}: skipped, measured before on this GPU: {earlier.why_not()}")
+        else:
+            kept.append(plan)
+    return kept, skipped

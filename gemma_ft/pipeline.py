@@ -12,7 +12,7 @@ import os
 import shutil
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -81,7 +81,10 @@ class Prepared:
     plan: RunPlan  # where the run writes (its staging folder when it replaces an earlier run) and resumes from
     speed: Any  # gemma_ft.speed.SpeedMonitor: tokens/s, step shapes and compiles, measured during training
     startup: Any  # gemma_ft.startup.StartupClock: where the time to the first step went
-    batch_plan_steps_down: list  # the batch plans measured and refused on the way to batch_plan, one line each
+    batch_plan_steps_down: list  # the batch plans refused on the way to batch_plan, one line each
+    batch_plans_left: list  # what to step down to if the first step runs out of GPU memory, best first
+    build_for_plan: Any  # BatchPlan -> (model, trainer): the model loaded again with that plan's LoRA and trainer
+    step_memory: Any  # gemma_ft.memory_probe.StepMemoryCache on a GPU (None on a CPU): first steps measured here
 
 
 class RunDiverged(UserError):
@@ -187,7 +190,7 @@ def prepare(cfg: Any, run_dir: str | Path | None = None, cleanup: ExitStack | No
     speed = SpeedMonitor(tokenizer.pad_token_id)
     callbacks = [MarkCheckpointComplete(), LogEveryFinalStep(), stop_on_signal, stop_on_divergence,
                  ReportStartupAtFirstStep(startup)]
-    model, trainer, batch_plan, steps_down = build_model_and_trainer(
+    model, trainer, batch_plan, plans_left, build_for_plan, steps_down, step_memory = build_model_and_trainer(
         cfg, model_path, tokenizer, train_rows.dataset(), eval_rows.dataset(), plan, callbacks, speed, startup)
     log.info(batch_plan.describe())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -204,21 +207,21 @@ def prepare(cfg: Any, run_dir: str | Path | None = None, cleanup: ExitStack | No
     return Prepared(cfg, run_dir, split, tokenizer, model, trainer, dropped, stop_on_signal,
                     train_rows, batch_plan, stop_on_divergence,
                     {"train": train_rows.replies_cut_off, "eval": eval_rows.replies_cut_off}, schedule, plan,
-                    speed, startup, steps_down)
+                    speed, startup, steps_down, plans_left, build_for_plan, step_memory)
 
 
 def build_model_and_trainer(cfg: Config, model_path: str, tokenizer, train_dataset, eval_dataset, run_plan: RunPlan,
                             callbacks: list, speed, startup):
-    """Model -> LoRA -> trainer for the batch plan that fits: on a GPU the first candidate whose one measured step
-    fits (gemma_ft.batching), on a CPU the one plan. Returns (model, trainer, plan, the step-downs on the way).
+    """Model -> LoRA -> trainer for the first batch plan worth trying (gemma_ft.batching). Returns (model, trainer,
+    plan, the plans left to step down to, a function that builds them, the step-downs so far).
 
     A step down loads the model again: LoRA (and the checkpointing it sets up) is applied to the loaded model in
     place."""
     import torch
 
-    from gemma_ft.batching import batch_candidates, choose_batch_plan
+    from gemma_ft.batching import batch_candidates, skip_known_misfits
     from gemma_ft.console import progress_callback
-    from gemma_ft.memory_probe import StepMemoryCache, agree_across_ranks, measure_step, step_memory_scope
+    from gemma_ft.memory_probe import FirstStepMemory, StepMemoryCache, step_memory_scope
     from gemma_ft.models.builtin import cache_dir
     from gemma_ft.models.loading import add_lora_adapters, load_model
     from gemma_ft.training import build_trainer, pad_short_batches_for_flex_attention
@@ -227,38 +230,32 @@ def build_model_and_trainer(cfg: Config, model_path: str, tokenizer, train_datas
     base = {"model": load_model(cfg.model, model_path, cfg.train.max_seq_length)}
     log.info("Model: %s, %s parameters, %s", model_path, f"{base['model'].num_parameters():,}", base["model"].dtype)
     startup.mark("model load")
-    built = {}
+    on_gpu = torch.cuda.is_available()
+    step_memory = StepMemoryCache(cache_dir() / "compile" / "step_memory.json",
+                                  step_memory_scope(model_path, cfg.model, cfg.lora, cfg.train.max_seq_length)) \
+        if on_gpu else None
 
     def build(plan):
-        built.clear()
         release_accelerator_memory()  # what an earlier candidate left
         model = base.pop("model") if base else load_model(cfg.model, model_path, cfg.train.max_seq_length)
         model = add_lora_adapters(model, cfg.lora, cfg.train.seed, plan.gradient_checkpointing)
         if run_plan.resume_from is not None:
             load_adapters_on_own_gpu(model)
+        first_step = [FirstStepMemory(plan, step_memory)] if on_gpu else []
         trainer = build_trainer(model, tokenizer, train_dataset, eval_dataset, cfg, plan,
-                                checkpoint_dir(run_plan.work_dir), callbacks, speed)
+                                checkpoint_dir(run_plan.work_dir), callbacks + first_step, speed)
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(progress_callback(cfg.debug.verbose))
         if not plan.packed:  # packed batches have one fixed shape of their own
             pad_short_batches_for_flex_attention(trainer, model, tokenizer)
-        built.update(model=model, trainer=trainer)
-        return trainer
+        return model, trainer
 
-    candidates = batch_candidates(cfg.train, cfg.lora.use_gradient_checkpointing, on_gpu=torch.cuda.is_available())
-    if not torch.cuda.is_available():
-        build(candidates[0])
-        return built["model"], built["trainer"], candidates[0], []
-    step_memory = StepMemoryCache(cache_dir() / "compile" / "step_memory.json",
-                                  step_memory_scope(model_path, cfg.model, cfg.lora, cfg.train.max_seq_length))
-
-    def measure(plan):
-        measurement = agree_across_ranks(measure_step(build(plan), plan))
-        step_memory.put(plan, measurement)
-        return measurement
-
-    plan, steps_down = choose_batch_plan(candidates, measure, step_memory.get, log.warning)
-    return built["model"], built["trainer"], plan, steps_down
+    candidates = batch_candidates(cfg.train, cfg.lora.use_gradient_checkpointing, on_gpu=on_gpu)
+    candidates, steps_down = skip_known_misfits(candidates, step_memory.get if on_gpu else lambda plan: None)
+    for line in steps_down:
+        log.warning("Batch plan %s", line)
+    model, trainer = build(candidates[0])
+    return model, trainer, candidates[0], candidates[1:], build, steps_down, step_memory
 
 
 def plan_and_check_resume(cfg: Config, run_dir: Path, inputs: dict) -> tuple[RunPlan, Path | None]:
@@ -329,7 +326,8 @@ def _run(cfg: Any, run_dir: str | Path | None, records: Mapping[str, Any] | None
     memory = MemoryStats(cfg.debug.verbose)
     memory.start()
     try:
-        trainer.train(resume_from_checkpoint=str(p.plan.resume_from) if p.plan.resume_from else None)
+        p = train_stepping_down(p)
+        model, trainer = p.model, p.trainer
     except OSError as exc:
         if exc.errno not in DISK_FULL:
             raise
@@ -405,6 +403,43 @@ def _run(cfg: Any, run_dir: str | Path | None, records: Mapping[str, Any] | None
     return metrics
 
 
+def train_stepping_down(p: Prepared) -> Prepared:
+    """Train; if the first step of a GPU batch plan runs out of memory, load the model again with the next plan
+    (gemma_ft.batching: smaller step, or offloaded checkpointing), say so, and start over. Nothing was applied or
+    saved before the first step ended, so the new start is the run's start. Returns what trained."""
+    import torch
+
+    from gemma_ft.batching import Measurement, StepDoesNotFit
+    from gemma_ft.training import training_schedule
+
+    while True:
+        try:
+            p.trainer.train(resume_from_checkpoint=str(p.plan.resume_from) if p.plan.resume_from else None)
+            return p
+        except torch.OutOfMemoryError:
+            if p.trainer.state.global_step > 0:
+                raise StepDoesNotFit(
+                    f"ran out of GPU memory at step {p.trainer.state.global_step + 1} with {p.batch_plan.describe()} "
+                    "after the first step fitted (another process took GPU memory?); run the same command again: "
+                    "it resumes from the last checkpoint") from None
+            if not p.batch_plans_left:
+                raise StepDoesNotFit(
+                    f"no batch plan fits this GPU: the first step of the smallest, {p.batch_plan.key()}, ran out of "
+                    "memory; lower train.tokens_per_step or train.max_seq_length, set "
+                    "lora.use_gradient_checkpointing=unsloth, or load the model in 4-bit (model.load_in_4bit=true)"
+                ) from None
+        failed, plan = p.batch_plan, p.batch_plans_left[0]
+        if p.step_memory is not None:  # the next run on this GPU skips it
+            p.step_memory.put(failed, Measurement(None, 0))
+        line = f"{failed.key()}: its first step ran out of GPU memory; stepping down to {plan.key()}"
+        log.warning("Batch plan %s", line)
+        p.model = p.trainer = None
+        model, trainer = p.build_for_plan(plan)
+        p = replace(p, model=model, trainer=trainer, batch_plan=plan, batch_plans_left=p.batch_plans_left[1:],
+                    batch_plan_steps_down=[*p.batch_plan_steps_down, line], schedule=training_schedule(trainer))
+        log.info(plan.describe())
+
+
 def speed_metrics(p: Prepared) -> dict:
     """How fast this run trained and how its batches were chosen (gemma_ft.speed, gemma_ft.batching)."""
     n_params = sum(parameter.numel() for parameter in p.model.parameters())
@@ -413,8 +448,7 @@ def speed_metrics(p: Prepared) -> dict:
     return {
         **p.speed.report(p.model.config.get_text_config(), n_params, sum(lengths) / len(lengths)),
         "gradient_checkpointing": p.batch_plan.gradient_checkpointing,
-        "measured_step_peak_gib": (p.batch_plan.measured_peak_bytes / 2**30
-                                   if p.batch_plan.measured_peak_bytes is not None else None),
+        "first_step_peak_gib": p.speed.first_step_peak_gib,
         "batch_plan_steps_down": p.batch_plan_steps_down,
         "time_to_first_step_s": startup.total() if "first step" in startup.phases else None,
         "startup_s": dict(startup.phases),

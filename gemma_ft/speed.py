@@ -34,6 +34,7 @@ class SpeedMonitor(TrainerCallback):
         self._end: float | None = None
         self._graphs_after_first: int | None = None
         self.steps_after_first = 0
+        self.first_step_peak_gib: float | None = None  # GPU memory reserved by the end of the first step
 
     def count(self, inputs) -> None:
         ids = inputs["input_ids"]
@@ -50,6 +51,7 @@ class SpeedMonitor(TrainerCallback):
             _synchronize()
             self._first_step_end = time.perf_counter()
             self._graphs_after_first = compiled_graphs()
+            self.first_step_peak_gib = _peak_reserved_gib()
         else:
             self.steps_after_first += 1
             if state.global_step >= state.max_steps:  # before the final evaluation and save
@@ -105,6 +107,12 @@ def compiled_graphs() -> int:
     except ImportError:
         return 0
     return int(counters["stats"]["unique_graphs"])
+
+
+def _peak_reserved_gib() -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None
 
 
 def _synchronize() -> None:

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from gemma_ft.batching import PACKED_TOKENS_CAP, Measurement, StepDoesNotFit, batch_candidates, choose_batch_plan
+from gemma_ft.batching import PACKED_TOKENS_CAP, Measurement, StepDoesNotFit, batch_candidates, skip_known_misfits
 from gemma_ft.data.encoding import IGNORE_INDEX, encode_conversations
 from gemma_ft.pipeline import prepare
 from gemma_ft.training import PackedBinCollator
@@ -175,58 +175,49 @@ def test_gpu_candidates_try_no_checkpointing_first_and_keep_the_users_choices():
     assert [p.gradient_checkpointing for p in padded] == [False, "unsloth"]
 
 
-def fake_gpu(peaks: dict, limit=70 * GIB, optimizer=GIB):
-    """A measure() that answers from a table of plan key -> peak bytes (None: out of memory), and its calls."""
-    calls = []
-
-    def measure(plan):
-        calls.append(plan.key())
-        return Measurement(peaks[plan.key()], limit, optimizer)
-
-    return measure, calls
-
-
-def test_the_planner_keeps_the_first_measured_plan_that_fits():
+def test_plans_measured_not_to_fit_on_this_gpu_are_skipped_the_last_always_kept():
     candidates = batch_candidates(train_cfg(), "auto", True)
-    measure, calls = fake_gpu({"packed-16384-False": 28 * GIB})
-    plan, steps_down = choose_batch_plan(candidates, measure, say=lambda line: None)
-    assert (plan.tokens_per_step, plan.gradient_checkpointing, plan.measured_peak_bytes) == (16384, False, 28 * GIB)
-    assert calls == ["packed-16384-False"] and steps_down == []
+    known = {"packed-16384-False": Measurement(None, 80 * GIB), "packed-8192-False": Measurement(79 * GIB, 78 * GIB),
+             "packed-16384-unsloth": Measurement(6 * GIB, 78 * GIB)}
+    kept, skipped = skip_known_misfits(candidates, lambda plan: known.get(plan.key()))
+    assert kept[0].key() == "packed-16384-unsloth" and kept == candidates[2:]
+    assert skipped == ["packed-16384-False: skipped, measured before on this GPU: its first step ran out of GPU memory",
+                       "packed-8192-False: skipped, measured before on this GPU: its first step peaked at 79.0 GiB, "
+                       "over the 78.0 GiB free"]
+    only = batch_candidates(train_cfg(tokens_per_step=4096), "unsloth", True)
+    assert skip_known_misfits(only, lambda plan: Measurement(None, GIB)) == (only, [])  # never nothing to try
 
 
-def test_the_planner_steps_down_on_running_out_of_memory_or_over_the_limit_and_says_so():
-    candidates = batch_candidates(train_cfg(), "auto", True)
-    said = []
-    measure, calls = fake_gpu({"packed-16384-False": None, "packed-8192-False": 69.5 * GIB,
-                               "packed-16384-unsloth": 6 * GIB})
-    plan, steps_down = choose_batch_plan(candidates, measure, say=said.append)
-    assert (plan.tokens_per_step, plan.gradient_checkpointing) == (16384, "unsloth")
-    assert calls == ["packed-16384-False", "packed-8192-False", "packed-16384-unsloth"]
-    assert "packed-16384-False: one step ran out of GPU memory; stepping down" in steps_down[0]
-    assert "peaked at 69.5 GiB, plus 1.0 GiB of optimizer state, over the 70.0 GiB" in steps_down[1]
-    assert said == [f"Batch plan {line}" for line in steps_down]
+def test_a_first_step_out_of_gpu_memory_steps_down_says_so_and_trains_with_the_next_plan(tmp_path, caplog):
+    """The step-down path on a CPU: the first plan's first step raises torch's out-of-memory error."""
+    from dataclasses import replace
 
+    from gemma_ft.batching import BatchPlan
+    from gemma_ft.pipeline import train_stepping_down
 
-def test_the_planner_skips_what_it_measured_before_and_still_measures_its_choice():
-    candidates = batch_candidates(train_cfg(), "auto", True)
-    known = {"packed-16384-False": Measurement(None, 70 * GIB, GIB)}
-    measure, calls = fake_gpu({"packed-8192-False": 20 * GIB})
-    plan, steps_down = choose_batch_plan(candidates, measure, lambda p: known.get(p.key()), say=lambda line: None)
-    assert (plan.tokens_per_step, plan.gradient_checkpointing) == (8192, False)
-    assert calls == ["packed-8192-False"]  # the known-bad plan cost no model load and no step
-    assert "skipped, measured before on this GPU" in steps_down[0]
+    path = write_csv(tmp_path / "d.csv", chess_rows(16))
+    prepared = prepare(typed_config([*TINY, f"data.path={path}", "data.val_size=4", "train.max_steps=2"]),
+                       run_dir=tmp_path / "run")
+    first_model = prepared.model
+    fallback = BatchPlan(False, None, False)
+    prepared = replace(prepared, batch_plans_left=[fallback])
 
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
 
-def test_when_even_the_smallest_plan_runs_out_of_memory_the_run_ends_with_one_line():
-    measure, _ = fake_gpu({"packed-4096-unsloth": None})
-    with pytest.raises(StepDoesNotFit, match="no batch plan fits this GPU.*lower train.tokens_per_step"):
-        choose_batch_plan(batch_candidates(train_cfg(tokens_per_step=4096), "unsloth", True), measure,
-                          say=lambda line: None)
-    # the user's fixed plan, measured over the margin but running, is kept: not refused for a margin
-    measure, _ = fake_gpu({"packed-4096-unsloth": 75 * GIB})
-    plan, _ = choose_batch_plan(batch_candidates(train_cfg(tokens_per_step=4096), "unsloth", True), measure,
-                                say=lambda line: None)
-    assert plan.measured_peak_bytes == 75 * GIB
+    prepared.trainer.train = out_of_memory
+    trained = train_stepping_down(prepared)
+    assert trained.batch_plan == fallback and trained.model is not first_model  # loaded again, fresh LoRA
+    assert trained.trainer.state.global_step == 2
+    assert trained.batch_plan_steps_down == [
+        f"{prepared.batch_plan.key()}: its first step ran out of GPU memory; stepping down to {fallback.key()}"]
+    assert any("stepping down" in record.getMessage() for record in caplog.records)
+    # with nothing left to step down to: one line, no traceback
+    exhausted = replace(trained, batch_plans_left=[])
+    exhausted.trainer.train = out_of_memory
+    exhausted.trainer.state.global_step = 0
+    with pytest.raises(StepDoesNotFit, match="no batch plan fits this GPU"):
+        train_stepping_down(exhausted)
 
 
 def test_step_memory_is_remembered_per_gpu_and_model(tmp_path):
@@ -235,8 +226,8 @@ def test_step_memory_is_remembered_per_gpu_and_model(tmp_path):
     plan = batch_candidates(train_cfg(), "auto", True)[0]
     one = StepMemoryCache(tmp_path / "step_memory.json", {"gpu": "H100", "architecture": {"hidden_size": 1152}})
     assert one.get(plan) is None
-    one.put(plan, Measurement(28 * GIB, 70 * GIB, GIB))
-    assert one.get(plan) == Measurement(28 * GIB, 70 * GIB, GIB)
+    one.put(plan, Measurement(28 * GIB, 70 * GIB))
+    assert one.get(plan) == Measurement(28 * GIB, 70 * GIB)
     other_gpu = StepMemoryCache(tmp_path / "step_memory.json", {"gpu": "H200", "architecture": {"hidden_size": 1152}})
     assert other_gpu.get(plan) is None
 
