@@ -666,8 +666,14 @@ def main() -> None:
         return
     model = trainer.model
     n_params = sum(p.numel() for p in model.parameters())
-    row_lengths = prepared.train_rows.input_ids if prepared is not None else trainer.train_dataset["input_ids"]
-    mean_len = sum(map(len, row_lengths)) / len(row_lengths)  # the attention's context is a row, packed or not
+    # the attention's context is a row, packed or not (TRL's packed datasets keep each bin's row lengths)
+    if prepared is not None:
+        lengths = [len(ids) for ids in prepared.train_rows.input_ids]
+    elif "seq_lengths" in trainer.train_dataset.column_names:
+        lengths = [n for bin_lengths in trainer.train_dataset["seq_lengths"] for n in bin_lengths]
+    else:
+        lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
+    mean_len = sum(lengths) / len(lengths)
     peak = matmul_peak_tflops() if cuda else float("nan")
     tokens_per_s = tokens / seconds
     result = {

@@ -36,10 +36,16 @@ def parse_overrides(overrides: list[str]) -> list:
     """Hydra's parse of key=value overrides; its grammar errors become one ConfigError line."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    try:
-        return OverridesParser.create().parse_overrides(overrides)
-    except Exception as exc:  # Hydra's grammar errors
-        raise ConfigError(f"cannot parse the overrides: {str(exc).splitlines()[0]}") from None
+    parser = OverridesParser.create()
+    parsed = []
+    for override in overrides:
+        try:
+            parsed += parser.parse_overrides([override])
+        except Exception as exc:  # Hydra's grammar errors
+            raise ConfigError(f"cannot parse the override {override!r} ({str(exc).splitlines()[0]}); a value with "
+                              "characters such as ; , : [ ] { } ( ) = ' \" or spaces, or non-ASCII letters, must be "
+                              "quoted for Hydra and the shell, e.g. 'data.delimiter=\";\"'") from None
+    return parsed
 
 
 def unknown_key_error(key: str, keys: set[str], listing: str) -> ConfigError:
@@ -57,18 +63,38 @@ def composition_error(exc: Exception) -> str:
     return f"{where + ': ' if where else ''}{lines[0] if lines else cause}"
 
 
+def typed_or_error(cfg):
+    """The typed config, or one line naming the key whose value (an interpolation, a type) cannot be resolved."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from gemma_ft.config import to_typed
+
+    try:
+        return to_typed(cfg)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None)
+        message = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"{key + ': ' if key else ''}{message}; fix the value or the interpolation "
+                          "(`${oc.env:NAME}` needs NAME set, `${a.b}` needs the key a.b)") from None
+
+
 def check_overrides(args: list[str]) -> None:
     """Raise ConfigError (one line) for the first wrong key, group option or value among the overrides."""
     if any(a in ("-sc", "--shell-completion") or a.startswith("--shell-completion=") for a in args):
         return  # its "install=bash" argument is not a config override
-    overrides = [a for a in args if "=" in a and not a.startswith("-")]
+    overrides = [a for a in args if ("=" in a or a.startswith("~")) and not a.startswith("-")]
     parsed = parse_overrides(overrides)
     keys = schema_keys()
     sweeping = False
     for override in parsed:
         key = override.key_or_group
-        if key.startswith("hydra") or override.is_add() or override.is_force_add() or override.is_delete():
+        if key.startswith("hydra"):
             continue
+        if override.is_delete():
+            if (CONF_DIR / key).is_dir():
+                continue  # a group's default taken out (~hparams_search): Hydra checks it
+            raise ConfigError(f"~{key}: a config key cannot be deleted (every key has a value in the schema); set "
+                              f"{key}=<value> instead (`python -m gemma_ft --cfg job` shows the values)")
         sweeping |= override.is_sweep_override()
         if (CONF_DIR / key).is_dir():
             options = group_options(key)
@@ -87,7 +113,7 @@ def _check_values(overrides: list[str]) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.errors import ConfigCompositionException
 
-    from gemma_ft.config import register_configs, to_typed
+    from gemma_ft.config import register_configs
     from gemma_ft.validation import validate
 
     register_configs()
@@ -96,7 +122,7 @@ def _check_values(overrides: list[str]) -> None:
             cfg = compose(config_name="config", overrides=overrides)
         except ConfigCompositionException as exc:
             raise ConfigError(composition_error(exc)) from None
-    typed = to_typed(cfg)
+    typed = typed_or_error(cfg)
     validate(typed)
     from gemma_ft.run_dir import check_run_dir_location, plan_run
 

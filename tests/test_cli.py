@@ -27,6 +27,12 @@ def gemma_ft(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     (["train.max_steps=ten"], "train.max_steps"),
     (["optim.lr=0", "lora.r=0"], "lora.r=0 must be > 0"),
     (["data.path=missing.csv"], "does not exist"),
+    # an added key is checked like any other: it would otherwise be dropped and the run go on without it
+    (["+optim.weight_deacy=0.1"], "unknown config key 'optim.weight_deacy'; did you mean optim.weight_decay?"),
+    (["~optim.lr"], "~optim.lr: a config key cannot be deleted"),
+    (["train.seed=${oc.env:GEMMA_FT_UNSET_VARIABLE}"], "train.seed: KeyError raised while resolving interpolation"),
+    (["train.max_steps=${train.nope}"], "train.max_steps: Interpolation key 'train.nope' not found"),
+    (["data.delimiter=;"], "must be quoted for Hydra and the shell"),
 ])
 def test_user_mistakes_exit_2_with_one_line(tmp_path, args, expected):
     result = gemma_ft(*args, cwd=tmp_path)
