@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -50,6 +51,7 @@ from gemma_ft.run_dir import (
     acquire_run_lock,
     check_writable,
     checkpoint_dir,
+    complete_checkpoints,
     plan_run,
     release_run_lock,
     replace_earlier_run,
@@ -356,6 +358,17 @@ def _run(cfg: Any, run_dir: str | Path | None, records: Mapping[str, Any] | None
             + f"lower optim.lr (now {cfg.optim.lr}), keep optim.max_grad_norm > 0, or check the data, then run again"
         )
     eval_loss = final_eval_loss(trainer)
+    if not math.isfinite(eval_loss):
+        # The gradients of the last step were finite, but the weights it produced are not usable.
+        wait_for_everyone()
+        raise RunDiverged(
+            f"the eval loss after step {trainer.state.global_step} is {eval_loss}: the last update broke the weights, "
+            "so the run saved no adapter or metrics"
+            + (f"; its checkpoints stay in {checkpoint_dir(p.plan.work_dir)}" if complete_checkpoints(p.plan.work_dir)
+               else "")
+            + ("; the run it was to replace is unchanged" if p.plan.replaces_earlier_run else "")
+            + f"; lower optim.lr (now {cfg.optim.lr}) or keep optim.max_grad_norm > 0, and start a new run (another "
+            "run.name, or run.overwrite=true)")
 
     em_started = time.perf_counter()
     replies_after = generate_replies(model, tokenizer, em_rows, cfg.train.max_new_tokens,
@@ -407,8 +420,6 @@ def train_stepping_down(p: Prepared) -> Prepared:
     """Train; if the first step of a GPU batch plan runs out of memory, load the model again with the next plan
     (gemma_ft.batching: smaller step, or offloaded checkpointing), say so, and start over. Nothing was applied or
     saved before the first step ended, so the new start is the run's start. Returns what trained."""
-    import torch
-
     from gemma_ft.batching import Measurement, StepDoesNotFit
     from gemma_ft.training import training_schedule
 
@@ -416,7 +427,9 @@ def train_stepping_down(p: Prepared) -> Prepared:
         try:
             p.trainer.train(resume_from_checkpoint=str(p.plan.resume_from) if p.plan.resume_from else None)
             return p
-        except torch.OutOfMemoryError:
+        except RuntimeError as exc:  # torch.OutOfMemoryError is one; compiled kernels and cuBLAS raise others
+            if not is_out_of_memory(exc):
+                raise
             if p.trainer.state.global_step > 0:
                 raise StepDoesNotFit(
                     f"ran out of GPU memory at step {p.trainer.state.global_step + 1} with {p.batch_plan.describe()} "
@@ -438,6 +451,13 @@ def train_stepping_down(p: Prepared) -> Prepared:
         p = replace(p, model=model, trainer=trainer, batch_plan=plan, batch_plans_left=p.batch_plans_left[1:],
                     batch_plan_steps_down=[*p.batch_plan_steps_down, line], schedule=training_schedule(trainer))
         log.info(plan.describe())
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    message = str(exc)
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in message or "CUBLAS_STATUS_ALLOC_FAILED" in message
 
 
 def speed_metrics(p: Prepared) -> dict:

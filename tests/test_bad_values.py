@@ -124,6 +124,18 @@ def test_a_run_whose_loss_becomes_nan_stops_at_that_step_and_keeps_its_last_good
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-*")) == ["checkpoint-1"]
 
 
+def test_a_final_eval_loss_that_is_not_finite_fails_the_run_and_saves_no_result(tmp_path):
+    """The last step's gradients were finite, but the weights it left give a NaN eval loss: not a success."""
+    from gemma_ft.pipeline import RunDiverged, run
+
+    path = write_csv(tmp_path / "d.csv", chess_rows(20))
+    run_dir = tmp_path / "run"
+    with pytest.raises(RunDiverged, match=r"the eval loss after step 1 is nan: .* lower optim.lr \(now 10000000000.0\)"):
+        run(typed_config([*TINY, f"data.path={path}", "data.val_size=4", "optim.lr=1e10", "optim.warmup_steps=0",
+                          "train.max_steps=1", "train.exact_match_rows=0"]), run_dir=run_dir)
+    assert not (run_dir / "metrics.json").exists() and not (run_dir / "adapter").exists()
+
+
 @pytest.mark.parametrize("key,value", [("max_new_tokens", "-5"), ("temperature", "inf"), ("temperature", "nan"),
                                        ("temperature", "0.0"), ("top_p", "1.5"), ("top_p", "nan"), ("top_k", "-1")])
 def test_a_bad_sampling_value_is_refused_before_the_run_loads(key, value, tmp_path):

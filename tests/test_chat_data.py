@@ -174,3 +174,33 @@ def test_the_multi_turn_sample_trains_packed_with_examples_shown_per_turn(tmp_pa
     assert len(samples) == 2 and all(s["expected"] in ("light", "dark") or len(s["expected"]) == 2 for s in samples)
     shown = capsys.readouterr().out
     assert "row " in shown and "reply 1: '" in shown and "reply 2: '" in shown and "Conversation(" not in shown
+
+
+def test_json_files_refuse_nan_values_and_deep_nesting_with_the_line(tmp_path):
+    """Python's json reads NaN (the reply would become the text "nan") and raises RecursionError on deep nesting."""
+    nan = tmp_path / "nan.jsonl"
+    nan.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": NaN}]}\n')
+    with pytest.raises(DataError, match=r"nan.jsonl: line 1: NaN is not a JSON value"):
+        load_conversations(data_cfg(nan))
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(DataError, match=r"deep.jsonl: line 2: nested too deeply to read"):
+        load_conversations(data_cfg(deep))
+
+
+def test_a_json_list_with_a_byte_order_mark_reads_as_without_it(tmp_path):
+    chats = [{"messages": c} for c in CHATS]
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps(chats), encoding="utf-8")
+    marked = tmp_path / "marked.json"
+    marked.write_text(json.dumps(chats), encoding="utf-8-sig")
+    assert marked.read_bytes().startswith(b"\xef\xbb\xbf")
+    as_text = [[m for m in c.messages()] for c in load_conversations(data_cfg(plain))]
+    assert [[m for m in c.messages()] for c in load_conversations(data_cfg(marked))] == as_text
+
+
+def test_a_data_path_that_is_a_symlink_loop_is_one_data_error(tmp_path):
+    (tmp_path / "a.jsonl").symlink_to(tmp_path / "b.jsonl")
+    (tmp_path / "b.jsonl").symlink_to(tmp_path / "a.jsonl")
+    with pytest.raises(DataError, match="a.jsonl.* cannot be followed"):
+        load_conversations(data_cfg(tmp_path / "a.jsonl"))

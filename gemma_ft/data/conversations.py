@@ -86,7 +86,10 @@ def resolve_data_path(path: str) -> Path:
                 return candidate
         raise DataError(f"data.path={path!r}: there is no builtin data set {name!r}; try builtin:chess_sample or "
                         "builtin:multi_turn_sample")
-    return Path(path).expanduser().resolve()
+    try:
+        return Path(path).expanduser().resolve()
+    except (RuntimeError, OSError) as exc:  # a symbolic link that leads back to itself, among others
+        raise DataError(f"data.path={path!r} cannot be followed ({exc}); point data.path at the file itself") from None
 
 
 def load_conversations(cfg: DataConfig, require_reply: bool = True) -> list[Conversation]:

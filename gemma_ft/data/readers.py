@@ -101,11 +101,30 @@ def _read_csv(path: Path, encoding: str, delimiter: str | None) -> Records:
     return Records(path, "line", [(line, dict(zip(header, cells))) for line, cells in rows], header)
 
 
+def _not_a_number(constant: str):
+    raise ValueError(f"{constant} is not a JSON value")
+
+
+def _loads(path: Path, where: str, text: str):
+    """json.loads without Python's extensions (NaN, Infinity: a reply would become the text "nan") and with a
+    nesting too deep for the parser as a DataError naming `where`."""
+    try:
+        return json.loads(text, parse_constant=_not_a_number)
+    except json.JSONDecodeError:
+        raise
+    except ValueError as exc:
+        raise DataError(f"{path}: {where}: {exc} (JSON has no NaN or Infinity); write the value as a string or "
+                        "leave the field out") from None
+    except RecursionError:
+        raise DataError(f"{path}: {where}: nested too deeply to read; a record is an object of fields, with "
+                        "messages as a list of objects") from None
+
+
 def _read_json(path: Path, encoding: str, delimiter: str | None) -> Records:
     """A JSON list of records; a .json file holding one record per line is read as JSON Lines."""
-    text = read_text(path, encoding)
+    text = read_text(path, encoding).lstrip("\ufeff")  # a byte-order mark, as .jsonl and .csv accept it
     try:
-        data = json.loads(text)
+        data = _loads(path, "the file", text)
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data":  # several values: JSON Lines under a .json name
             return _json_lines(path, text)
@@ -129,7 +148,7 @@ def _json_lines(path: Path, text: str) -> Records:
         if not line.strip():
             continue
         try:
-            rows.append((number, json.loads(line)))
+            rows.append((number, _loads(path, f"line {number}", line)))
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}: line {number}: not valid JSON ({exc.msg} at column {exc.colno}); "
                             "each line must be one JSON object") from None
