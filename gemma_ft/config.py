@@ -39,7 +39,7 @@ class LoraConfig:
     train_lm_head: bool = False
     train_embeddings: bool = False
     bias: str = "none"
-    # auto: off on a GPU when the step's activations fit, else unsloth's offloaded one (gemma_ft/batching.py);
+    # auto: off on a GPU unless its first step runs out of memory, then unsloth's offloaded one (gemma_ft/batching.py);
     # or unsloth | true | false
     use_gradient_checkpointing: Any = "auto"
     use_rslora: bool = False
