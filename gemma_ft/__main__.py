@@ -18,7 +18,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from gemma_ft.cli_checks import CONF_DIR
 from gemma_ft.config import register_configs
-from gemma_ft.console import open_run_logs
 from gemma_ft.distributed import (
     end_process_group,
     is_main_process,
@@ -26,7 +25,6 @@ from gemma_ft.distributed import (
     submitit_tasks_as_one_run,
 )
 from gemma_ft.errors import UserError, fail, say
-from gemma_ft.run_dir import write_records
 
 # The shell's convention for a process stopped by a signal: 128 + signal number.
 INTERRUPTED_EXIT = {"SIGINT": 130, "SIGTERM": 143}
@@ -35,24 +33,26 @@ INTERRUPTED_EXIT = {"SIGINT": 130, "SIGTERM": 143}
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float:
     from gemma_ft.pipeline import RunInterrupted, run
-    from gemma_ft.sweep import write_status
+    from gemma_ft.run_dir import claimed_by_this_process
+    from gemma_ft.sweep import write_refused_job, write_status
 
     hydra_cfg = HydraConfig.get()
     job_dir = Path(hydra_cfg.runtime.output_dir)
     if hydra_cfg.mode == RunMode.MULTIRUN:
         with submitit_tasks_as_one_run():
-            if is_main_process():
-                # A sweep's job folder is new (the sweep dir is claimed): its record and log start at once, so
-                # the summary lists a job that fails its checks too.
-                write_records(job_dir, hydra_record(cfg))
-                open_run_logs()
             # One job's failure must not stop the others: record it, return NaN (Optuna counts it as failed).
+            # Its record (.hydra/), log and status go into its folder only once the job owns it: a job refused
+            # because its folder holds another run is recorded in the sweep folder instead (gemma_ft.sweep).
             try:
-                metrics = run(cfg, run_dir=job_dir)
+                metrics = run(cfg, run_dir=job_dir, records=hydra_record(cfg))
             except Exception as exc:
                 first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
                 if is_main_process():
-                    write_status(job_dir, "failed", f"{type(exc).__name__}: {first_line}")
+                    error = f"{type(exc).__name__}: {first_line}"
+                    if claimed_by_this_process(job_dir):
+                        write_status(job_dir, "failed", error)
+                    else:
+                        write_refused_job(Path(hydra_cfg.sweep.dir), job_dir.name, hydra_cfg.overrides.task, error)
                 say(f"gemma_ft: job {hydra_cfg.job.num} failed: {first_line}")
                 return math.nan
             if is_main_process():

@@ -99,7 +99,7 @@ class TrainConfig:
     # padded: batches of per_device_train_batch_size rows padded to the longest; packed: whole rows packed into
     # bins of tokens_per_step tokens (one fixed shape); auto: packed on a CUDA GPU, padded on a CPU.
     batching: str = "auto"
-    # Tokens per packed step and device (null: chosen from the model size and free GPU memory, gemma_ft/batching.py).
+    # Tokens per packed step and device (null: 16384, halved if the first step runs out of GPU memory).
     tokens_per_step: Optional[int] = None
     logging_steps: int = 5
     eval_steps: int = 20  # 0: evaluate only at the end

@@ -31,6 +31,11 @@ TRAINING_INPUTS = "training_inputs.json"  # what shapes training: what a resume 
 BEFORE_RESUME = {TRAINING_INPUTS: "training_inputs.before-resume.json", RUN_CONFIG: "config.before-resume.yaml"}
 COMPLETE_MARKER = "gemma_ft_complete"
 LOCK_FILE = ".gemma_ft.lock"  # the process that owns the run directory: {"pid", "host", "since"}
+# Written when a run claims its directory: {"pid", "host", "since"} of the process that last claimed it. A folder
+# without it (or without a run's record, for runs made before it existed) was not made by gemma_ft.
+RUN_MARKER = ".gemma_ft_run"
+# What may already be in a folder that a new run goes into: a lock left by a run that died before claiming it.
+NOT_CONTENT = (LOCK_FILE,)
 # A lock file still empty this long after its creation was left by a process that died while creating it.
 EMPTY_LOCK_GRACE_S = 10.0
 FINISHED_FILES = ("metrics.json", "adapter")
@@ -82,9 +87,29 @@ def holds_a_run(run_dir: Path) -> bool:
     return any((run_dir / name).exists() for name in RUN_OUTPUTS)
 
 
+def is_a_run_dir(run_dir: Path) -> bool:
+    """Whether gemma_ft made this folder a run's: its marker, or (for older runs) the record every run writes."""
+    return (run_dir / RUN_MARKER).exists() or (run_dir / TRAINING_INPUTS).exists()
+
+
+def foreign_content(run_dir: Path) -> list[str]:
+    """The names in `run_dir` that a new run could overwrite although gemma_ft did not write them: everything in a
+    non-empty folder that is not a gemma_ft run dir."""
+    if not run_dir.is_dir() or is_a_run_dir(run_dir):
+        return []
+    return sorted(entry.name for entry in run_dir.iterdir() if entry.name not in NOT_CONTENT)
+
+
 def plan_run(cfg: RunConfig, run_dir: Path) -> RunPlan:
-    """Decide where this run writes and where it resumes from, refusing to overwrite a finished run unless
-    run.overwrite=true. Reads the folder only: nothing is written or deleted here."""
+    """Decide where this run writes and where it resumes from, refusing a folder that holds files gemma_ft did not
+    write, and a finished run unless run.overwrite=true. Reads the folder only: nothing is written or deleted here."""
+    foreign = foreign_content(run_dir)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ConfigError(
+            f"{run_dir} already holds files that gemma_ft did not write ({shown}); a run goes only into a new or "
+            "empty folder, or its own earlier run: choose another run.name / run.dir"
+        )
     if is_finished(run_dir) and not cfg.overwrite:
         raise ConfigError(
             f"{run_dir} holds a finished run (adapter and metrics.json); choose another run.name / run.dir, "
@@ -113,12 +138,26 @@ def plan_run(cfg: RunConfig, run_dir: Path) -> RunPlan:
 
 def start_work_dir(plan: RunPlan) -> None:
     """Once every check has passed: a staging folder left by an earlier overwrite that this run does not continue
-    is removed; the folder this run writes into exists."""
+    is removed; the folder this run writes into exists and is marked as this process's run."""
     if plan.replaces_earlier_run:
         continued = plan.resume_from is not None and plan.work_dir in plan.resume_from.parents
         if not continued:
             shutil.rmtree(plan.work_dir, ignore_errors=True)
     plan.work_dir.mkdir(parents=True, exist_ok=True)
+    # In the folder this run writes: an overwrite leaves the earlier run's folder as it was until it has finished.
+    marker = plan.work_dir / RUN_MARKER
+    tmp = marker.with_name(f"{RUN_MARKER}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}) + "\n")
+    os.replace(tmp, marker)
+
+
+def claimed_by_this_process(run_dir: Path) -> bool:
+    """Whether this process has claimed `run_dir` for its run (start_work_dir): only then may it write there."""
+    try:
+        holder = json.loads((run_dir / RUN_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname()
 
 
 def write_records(folder: Path, records: Mapping[str, Any]) -> None:

@@ -44,20 +44,39 @@ def claim_sweep_dir(sweep_dir: Path) -> None:
                          "another hydra.sweep.dir (or leave it to the default, a new folder per sweep)")
 
 
+REFUSED_JOBS = ".refused_jobs"  # in the sweep folder: jobs refused before they owned their folder, one file each
+
+
 def write_status(job_dir: Path, status: str, error: str | None = None) -> None:
     (job_dir / STATUS_FILE).write_text(json.dumps({"status": status, "error": error}) + "\n")
 
 
+def write_refused_job(sweep_dir: Path, job: str, overrides: list[str], error: str) -> None:
+    """A job refused before it owned its folder (which may hold another run): recorded beside the jobs, never in
+    that folder."""
+    folder = sweep_dir / REFUSED_JOBS
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{job}.json").write_text(json.dumps({"overrides": list(overrides), "error": error}) + "\n")
+
+
 def collect_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
-    """One dict per job directory (those with Hydra's .hydra/overrides.yaml), in job order."""
+    """One dict per job: its folder (with Hydra's .hydra/overrides.yaml) or its refusal record, in job order."""
     jobs = []
-    for overrides_file in sweep_dir.glob("*/.hydra/overrides.yaml"):
-        job_dir = overrides_file.parent.parent
-        overrides = dict(o.split("=", 1) for o in OmegaConf.load(overrides_file) if "=" in o)
-        status = json.loads((job_dir / STATUS_FILE).read_text()) if (job_dir / STATUS_FILE).exists() else {
-            "status": "failed", "error": "the job stopped without reporting (killed?)"}
-        metrics = json.loads((job_dir / "metrics.json").read_text()) if (job_dir / "metrics.json").exists() else {}
-        history = json.loads((job_dir / "history.json").read_text()) if (job_dir / "history.json").exists() else []
+    refused = {path.stem: json.loads(path.read_text()) for path in (sweep_dir / REFUSED_JOBS).glob("*.json")}
+    job_dirs = {path.parent.parent.name: path for path in sweep_dir.glob("*/.hydra/overrides.yaml")}
+    for name in sorted(set(job_dirs) | set(refused)):
+        job_dir = sweep_dir / name
+        if name in refused:  # what its folder holds belongs to another run: nothing of it is this job's
+            overrides = dict(o.split("=", 1) for o in refused[name]["overrides"] if "=" in o)
+            status, metrics, history = {"status": "failed", "error": refused[name]["error"]}, {}, []
+        else:
+            overrides = dict(o.split("=", 1) for o in OmegaConf.load(job_dirs[name]) if "=" in o)
+            status = json.loads((job_dir / STATUS_FILE).read_text()) if (job_dir / STATUS_FILE).exists() else {
+                "status": "failed", "error": "the job stopped without reporting (killed?)"}
+            # Only a job that reported here owns what its folder holds (metrics once it finished)
+            owned, finished = (job_dir / STATUS_FILE).exists(), status["status"] == "ok"
+            metrics = _read_json(job_dir / "metrics.json", {}) if finished else {}
+            history = _read_json(job_dir / "history.json", []) if owned else []
         evals = curve(history, "eval_loss")
         jobs.append({
             "job": job_dir.name,
@@ -76,6 +95,10 @@ def collect_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
             "eval_curve": evals,
         })
     return sorted(jobs, key=lambda j: j["num"])
+
+
+def _read_json(path: Path, missing):
+    return json.loads(path.read_text()) if path.exists() else missing
 
 
 def varying_keys(jobs: list[dict]) -> list[str]:
