@@ -84,6 +84,15 @@ def finished_run_problem(run_dir: Path) -> str | None:
         return f"run={run_dir} has no adapter/ (its training has not finished); {hint}"
     if not (run_dir / RUN_CONFIG).is_file():
         return f"run={run_dir} has no {RUN_CONFIG}; it was not made by gemma_ft"
+    import yaml
+
+    try:
+        yaml.safe_load((run_dir / RUN_CONFIG).read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        return (f"run={run_dir}: its {RUN_CONFIG} is not valid YAML{line}; it was edited or damaged: restore it "
+                "(it is the config the run trained with) or train the run again")
     return None
 
 

@@ -121,6 +121,8 @@ def export_target(run_dir: Path, output: str | None, default: str) -> Path:
 
 def target_problem(cfg: ExportConfig) -> str | None:
     """Why the export may not write where it is told to: it never deletes or replaces what it did not create."""
+    from gemma_ft.run_dir import run_owning
+
     run_dir = Path(cfg.run).expanduser().resolve()
     target = export_target(run_dir, cfg.output, cfg.format)
     key = f"output={cfg.output}" if cfg.output else f"the default output {target}"
@@ -129,6 +131,9 @@ def target_problem(cfg: ExportConfig) -> str | None:
             return f"{key} is inside the run's {protected.name}/, which the export must not touch; choose a new folder"
     if target == run_dir or target in run_dir.parents:
         return f"{key} would hold the run directory itself; choose a new folder such as output=merged"
+    other_run = run_owning(target)
+    if other_run is not None:
+        return f"{key} is inside the files of the run in {other_run}, which the export must not touch; choose a new folder"
     if target.exists():
         if not (target / EXPORT_MARKER).exists():
             return f"{key} already exists and was not written by gemma_ft.export; choose a new folder"

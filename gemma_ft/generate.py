@@ -162,7 +162,25 @@ def sampling_problems(cfg: GenerateConfig) -> list[str]:
         found.append("give prompt= or file=, not both")
     if cfg.file is not None:
         found += data_file_problems("file", cfg.file)
+    if cfg.output is not None:
+        found += output_problems(cfg)
     return found
+
+
+def output_problems(cfg: GenerateConfig) -> list[str]:
+    """Where the answers may not go: a run's own files (its metrics.json, adapter/, ...) or the input file."""
+    from gemma_ft.run_dir import run_owning
+
+    output = Path(cfg.output).expanduser()
+    if cfg.file is None:
+        return [f"output={cfg.output} is only used with file=; give file=<data file>"]
+    run = run_owning(output)
+    if run is not None:
+        return [f"output={cfg.output} is one of the files of the run in {run}; write the answers elsewhere, e.g. "
+                "output=answers.jsonl"]
+    if output.absolute() == Path(cfg.file).expanduser().absolute():
+        return [f"output={cfg.output} is the input file; write the answers elsewhere"]
+    return []
 
 
 def generate(cfg: GenerateConfig) -> None:

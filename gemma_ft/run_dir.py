@@ -92,6 +92,19 @@ def is_a_run_dir(run_dir: Path) -> bool:
     return (run_dir / RUN_MARKER).exists() or (run_dir / TRAINING_INPUTS).exists()
 
 
+def run_owning(path: Path) -> Path | None:
+    """The gemma_ft run whose own files `path` is or lies in (its record, results, adapter/, checkpoints/, log,
+    lock), or None: what generate, evaluate and export must never write."""
+    path = path.expanduser().absolute()
+    own = {*RUN_OUTPUTS, "gemma_ft.log", LOCK_FILE, RUN_MARKER, OVERWRITE_STAGING, REPLACED}
+    for folder in path.parents:
+        if not (is_a_run_dir(folder) or ((folder / RUN_CONFIG).is_file() and (folder / "adapter").is_dir())):
+            continue
+        if path.relative_to(folder).parts[0] in own:
+            return folder
+    return None
+
+
 def foreign_content(run_dir: Path) -> list[str]:
     """The names in `run_dir` that a new run could overwrite although gemma_ft did not write them: everything in a
     non-empty folder that is not a gemma_ft run dir."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TINY
+from tests.helpers import TINY, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -151,10 +151,17 @@ def finished_looking_run(tmp_path) -> Path:
     (["output=checkpoints/checkpoint-4/merged", "format=gguf"], "inside the run's checkpoints/"),
     (["output=merged_by_hand"], "already exists and was not written by gemma_ft.export"),
     (["output={elsewhere}"], "already exists and was not written by gemma_ft.export"),
+    # another run's adapter/ or checkpoints/, given as an absolute path
+    (["output={other_run}/adapter/merged"], "is inside the files of the run in"),
+    (["output={other_run}/checkpoints/x"], "is inside the files of the run in"),
 ])
 def test_export_never_deletes_or_replaces_what_it_did_not_create(finished_looking_run, args, expected, tmp_path):
+    other_run = tmp_path / "runs" / "r2"
+    (other_run / "adapter").mkdir(parents=True)
+    (other_run / "config.yaml").write_text("model: {}\n")
+    (other_run / "training_inputs.json").write_text("{}")
     before = tree_digest(tmp_path / "runs") | {"elsewhere": str(tree_digest(tmp_path / "elsewhere"))}
-    args = [a.format(elsewhere=tmp_path / "elsewhere") for a in args]
+    args = [a.format(elsewhere=tmp_path / "elsewhere", other_run=other_run) for a in args]
     result = command("export", f"run={finished_looking_run}", *args, cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     [line] = error_lines(result)
@@ -173,3 +180,29 @@ def test_export_replaces_only_its_own_earlier_export_and_only_when_told(finished
     assert target_problem(ExportConfig(run=run, overwrite=True)) is None
     assert "not written by gemma_ft.export" in target_problem(ExportConfig(run=run, output="merged_by_hand",
                                                                            overwrite=True))
+
+
+@pytest.mark.parametrize("output, expected", [
+    ("{run}/metrics.json", "is one of the files of the run in"),
+    ("{run}/adapter/answers.jsonl", "is one of the files of the run in"),
+    ("{run}/config.yaml", "is one of the files of the run in"),
+    ("{prompts}", "is the input file"),
+])
+def test_generate_never_writes_its_answers_over_a_runs_files_or_its_input(finished_looking_run, output, expected,
+                                                                          tmp_path):
+    prompts = write_csv(tmp_path / "p.csv", [["", "e2e4", ""]])
+    before = tree_digest(tmp_path)
+    output = output.format(run=finished_looking_run, prompts=prompts)
+    result = command("generate", f"run={finished_looking_run}", f"file={prompts}", f"output={output}", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    [line] = error_lines(result)
+    assert expected in line and "Traceback" not in result.stderr
+    assert tree_digest(tmp_path) == before
+
+
+def test_a_run_whose_config_is_not_valid_yaml_is_one_line(finished_looking_run, tmp_path):
+    (finished_looking_run / "config.yaml").write_text("model: {name: [unclosed\n")
+    result = command("generate", f"run={finished_looking_run}", "prompt=hi", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    [line] = error_lines(result)
+    assert "its config.yaml is not valid YAML at line" in line and "Traceback" not in result.stderr
