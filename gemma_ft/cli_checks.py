@@ -13,6 +13,7 @@ from pathlib import Path
 
 from gemma_ft.config import Config
 from gemma_ft.errors import ConfigError
+from gemma_ft.run_dir import check_run_dir_location
 
 # Inside the package, so a wheel install finds them; the repository's top-level conf/ links here.
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -83,6 +84,10 @@ def check_overrides(args: list[str]) -> None:
     if any(a in ("-sc", "--shell-completion") or a.startswith("--shell-completion=") for a in args):
         return  # its "install=bash" argument is not a config override
     overrides = [a for a in args if ("=" in a or a.startswith("~")) and not a.startswith("-")]
+    multirun_at = next((i for i, a in enumerate(args) if a in ("-m", "--multirun")), None)
+    if multirun_at is not None and any(a in overrides for a in args[:multirun_at]):
+        raise ConfigError("-m (--multirun) must come before the overrides, e.g. "
+                          "python -m gemma_ft -m optim.weight_decay=0.001,0.01")
     parsed = parse_overrides(overrides)
     keys = schema_keys()
     sweeping = False
@@ -104,11 +109,19 @@ def check_overrides(args: list[str]) -> None:
                     raise ConfigError(f"{key}={value} is not an option of group {key!r}; choose one of {options}")
         elif key not in keys:
             raise unknown_key_error(key, keys, "`python -m gemma_ft --cfg job`")
+    hydra_dirs = {o.key_or_group: o.value() for o in parsed
+                  if o.key_or_group in ("hydra.run.dir", "hydra.sweep.dir") and not o.is_sweep_override()}
+    for key, value in hydra_dirs.items():
+        if isinstance(value, str) and "${" not in value:  # a literal folder: checked as run.dir is
+            try:
+                check_run_dir_location(Path(value).expanduser().absolute())
+            except ConfigError as exc:
+                raise ConfigError(f"{key}={value}: {exc}") from None
     if not sweeping:
-        _check_values(overrides)
+        _check_values(overrides, hydra_dirs.get("hydra.run.dir"))
 
 
-def _check_values(overrides: list[str]) -> None:
+def _check_values(overrides: list[str], hydra_run_dir: str | None = None) -> None:
     """Compose and validate the single run's config: wrong types and cross-field problems, all at once."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import ConfigCompositionException
@@ -124,11 +137,12 @@ def _check_values(overrides: list[str]) -> None:
             raise ConfigError(composition_error(exc)) from None
     typed = typed_or_error(cfg)
     validate(typed)
-    from gemma_ft.run_dir import check_run_dir_location, plan_run
+    from gemma_ft.run_dir import plan_run
 
     # Before Hydra writes its files into the run dir: it must be a writable folder on a disk, and a finished run
     # must not be touched at all.
-    run_dir = Path(typed.run.dir or f"outputs/{typed.run.name or ''}").resolve()
+    literal = isinstance(hydra_run_dir, str) and "${" not in hydra_run_dir
+    run_dir = Path(hydra_run_dir if literal else typed.run.dir or f"outputs/{typed.run.name or ''}").absolute()
     check_run_dir_location(run_dir)
-    if typed.run.name or typed.run.dir or typed.run.resume not in ("auto", "never"):
+    if literal or typed.run.name or typed.run.dir or typed.run.resume not in ("auto", "never"):
         plan_run(typed.run, run_dir)  # a run.resume path is checked wherever the run goes

@@ -229,8 +229,13 @@ def check_run_dir_location(run_dir: Path) -> None:
     """Refuse, before anything is written, a run dir below a file, on a virtual filesystem or in a folder that
     cannot be written."""
     existing = run_dir
-    while not existing.exists() and existing != existing.parent:
+    while not _exists(existing) and existing != existing.parent:
         existing = existing.parent
+    name_max = _name_max(existing)
+    for part in run_dir.parts:
+        if len(part.encode()) > name_max:
+            raise ConfigError(f"the run directory's name {part[:40] + '...'!r} is {len(part.encode())} bytes, longer "
+                              f"than this file system allows ({name_max}); choose a shorter run.name / run.dir")
     if not existing.is_dir():
         raise ConfigError(f"run directory {run_dir}: {existing} is not a folder; set run.dir to a folder")
     kind = filesystem_type(existing)
@@ -239,6 +244,20 @@ def check_run_dir_location(run_dir: Path) -> None:
                           "a folder on a disk")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"run directory {run_dir}: {existing} is not writable; set run.dir to a writable folder")
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a name too long for the file system, among others
+        return False
+
+
+def _name_max(folder: Path) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
 
 
 def check_writable(run_dir: Path, needed_bytes: int) -> None:

@@ -33,6 +33,12 @@ def gemma_ft(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     (["train.seed=${oc.env:GEMMA_FT_UNSET_VARIABLE}"], "train.seed: KeyError raised while resolving interpolation"),
     (["train.max_steps=${train.nope}"], "train.max_steps: Interpolation key 'train.nope' not found"),
     (["data.delimiter=;"], "must be quoted for Hydra and the shell"),
+    (["model=tiny", "-m", "optim.lr=1e-4,2e-4"], "-m (--multirun) must come before the overrides"),
+    (["run.name=" + "a" * 300], "is 300 bytes, longer than this file system allows"),
+    # Hydra's own run dir is checked as run.dir is, before Hydra creates it
+    (["hydra.run.dir=/proc/gemma_ft_run"], "hydra.run.dir=/proc/gemma_ft_run: run directory /proc/gemma_ft_run is "
+                                           "on proc, a virtual filesystem"),
+    (["hydra.run.dir=/dev/null"], "/dev/null is not a folder"),
 ])
 def test_user_mistakes_exit_2_with_one_line(tmp_path, args, expected):
     result = gemma_ft(*args, cwd=tmp_path)

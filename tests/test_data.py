@@ -184,6 +184,17 @@ def test_control_text_is_refused_with_the_row(tmp_path, cell, gemma_tokenizer):
         apply_control_token_policy(rows, gemma_tokenizer, "error", str(path))
 
 
+def test_a_reply_that_strip_leaves_empty_is_refused_with_the_row(tmp_path, gemma_tokenizer):
+    path = write_csv(tmp_path / "ctl.csv", [["t", "fine", "ok"], ["t", "question", " <end_of_turn> "]])
+    rows = load_conversations(data_cfg(path))
+    with pytest.raises(DataError, match=r"row 3: a reply is nothing but control text, so data.control_tokens=strip "
+                                        r"leaves it empty; remove that row, or set data.control_tokens=escape"):
+        apply_control_token_policy(rows, gemma_tokenizer, "strip", str(path))
+    kept = apply_control_token_policy(rows[:1] + [Conversation(3, None, "q <bos>", "a")], gemma_tokenizer, "strip",
+                                      str(path))
+    assert kept[1].user == "q " and kept[1].assistant == "a"  # stripped, something left: kept
+
+
 def test_the_control_tokens_are_the_tokenizers_own(gemma_tokenizer):
     """Derived from the tokenizer: a token it adds as special is control, HTML tags and whitespace runs are text."""
     from tokenizers import AddedToken

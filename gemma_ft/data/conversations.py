@@ -186,6 +186,13 @@ def apply_control_token_policy(conversations: list[Conversation], tokenizer, pol
     for conversation, row in zip(conversations, per_row):
         changed = [_neutralise(text, spans[i + k], policy) if spans[i + k] else text for k, text in enumerate(row)]
         i += len(row)
+        # Stripped to nothing, a reply would train the model to answer with nothing (a user turn, to ask nothing).
+        emptied = [k for k, text in enumerate(changed) if k > 0 and row[k].strip() and not text.strip()]
+        if emptied:
+            kind = "reply" if emptied[0] % 2 == 0 else "user turn"
+            raise DataError(
+                f"{source}: row {conversation.row}: a {kind} is nothing but control text, so "
+                "data.control_tokens=strip leaves it empty; remove that row, or set data.control_tokens=escape")
         result.append(conversation.with_texts(changed) if changed != row else conversation)
     return result
 
