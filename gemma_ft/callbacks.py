@@ -128,3 +128,12 @@ class StopOnDivergence(TrainerCallback):
         if self.diverged_at_step is not None:
             control.should_save = control.should_evaluate = False
         return control
+
+
+class CurrentCadenceOnResume(TrainerCallback):
+    """A resumed run logs, evaluates and saves at the cadence of its current config: transformers restores
+    logging_steps, eval_steps and save_steps from the checkpoint's trainer_state.json, which would keep the old."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        state.compute_steps(args, state.max_steps)
+        return control

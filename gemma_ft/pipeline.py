@@ -152,6 +152,7 @@ def prepare(cfg: Any, run_dir: str | Path | None = None, cleanup: ExitStack | No
 
     from gemma_ft.speed import SpeedMonitor
     from gemma_ft.callbacks import (
+        CurrentCadenceOnResume,
         LogEveryFinalStep,
         MarkCheckpointComplete,
         ReportStartupAtFirstStep,
@@ -191,7 +192,7 @@ def prepare(cfg: Any, run_dir: str | Path | None = None, cleanup: ExitStack | No
     stop_on_divergence = StopOnDivergence()
     speed = SpeedMonitor(tokenizer.pad_token_id)
     callbacks = [MarkCheckpointComplete(), LogEveryFinalStep(), stop_on_signal, stop_on_divergence,
-                 ReportStartupAtFirstStep(startup)]
+                 ReportStartupAtFirstStep(startup), CurrentCadenceOnResume()]
     model, trainer, batch_plan, plans_left, build_for_plan, steps_down, step_memory = build_model_and_trainer(
         cfg, model_path, tokenizer, train_rows.dataset(), eval_rows.dataset(), plan, callbacks, speed, startup)
     log.info(batch_plan.describe())

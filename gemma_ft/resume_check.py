@@ -55,6 +55,12 @@ def write_training_inputs(folder: Path, inputs: dict[str, Any]) -> None:
     (folder / TRAINING_INPUTS).write_text(json.dumps(inputs, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+# What the trainer restores from a checkpoint's optimizer and scheduler state, whatever the config says now: the
+# optimizer's kind and its param groups' lr (the scheduler's base) and weight decay. The schedule's shape
+# (lr_scheduler_type, warmup_steps, max_steps) is rebuilt from the config, and max_grad_norm is read at each step.
+RESTORED_FROM_CHECKPOINT = ("optim.name ", "optim.lr ", "optim.weight_decay ")
+
+
 def changed_inputs(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """'key old -> new' for every key whose value differs; the rows' digest as 'the data rows'."""
     changes = []
@@ -86,6 +92,13 @@ def check_resume_inputs(checkpoint: Path, current: dict[str, Any], resume_change
     changes = changed_inputs(recorded, current)
     if not changes:
         return None
+    restored = [change for change in changes if change.startswith(RESTORED_FROM_CHECKPOINT)]
+    if resume_changed and restored:
+        raise ConfigError(
+            f"run.resume: {'; '.join(restored)} cannot change on resume, even with run.resume_changed=true: the "
+            "checkpoint's optimizer and learning-rate schedule are restored with the values they were made with, so "
+            "the new ones would not apply; resume with the old values, or start over (run.resume=never "
+            "run.overwrite=true, or another run.name)")
     if not resume_changed:
         raise ConfigError(
             f"run.resume: {checkpoint} was trained with other settings: {'; '.join(changes)}; resume with the "

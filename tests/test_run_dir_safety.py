@@ -100,13 +100,21 @@ def test_a_resume_with_other_settings_is_refused_unless_asked_for(tmp_path):
     assert moved.returncode == 2 and "the data rows (another file or other contents)" in moved.stderr
     assert tree_digest(run_dir) == before
 
-    forced = run_cli(tmp_path, *args, "optim.lr=1e-3", "run.resume_changed=true")
+    # The learning rate is restored from the checkpoint's optimizer and scheduler: a new one would never apply,
+    # while config.yaml and metrics.json said it did. Refused, with the reason, even with resume_changed.
+    ignored = run_cli(tmp_path, *args, "optim.lr=1e-3", "run.resume_changed=true")
+    assert ignored.returncode == 2 and "optim.lr 0.0002 -> 0.001 cannot change on resume, even with " \
+        "run.resume_changed=true: the checkpoint's optimizer and learning-rate schedule are restored" in ignored.stderr
+    assert tree_digest(run_dir) == before
+
+    forced = run_cli(tmp_path, *args, "optim.warmup_steps=0", "run.resume_changed=true")
     assert forced.returncode == 0, forced.stderr[-2000:]
-    assert "with changed settings (run.resume_changed=true): optim.lr 0.0002 -> 0.001" in forced.stdout + forced.stderr
-    assert "lr: 0.0002" in (run_dir / "config.before-resume.yaml").read_text()
-    assert "lr: 0.001" in (run_dir / "config.yaml").read_text()
-    assert json.loads((run_dir / "training_inputs.before-resume.json").read_text())["optim.lr"] == 2e-4
-    assert json.loads((run_dir / "training_inputs.json").read_text())["optim.lr"] == 1e-3
+    assert "with changed settings (run.resume_changed=true): optim.warmup_steps 5 -> 0" \
+        in forced.stdout + forced.stderr
+    assert "warmup_steps: 5" in (run_dir / "config.before-resume.yaml").read_text()
+    assert "warmup_steps: 0" in (run_dir / "config.yaml").read_text()
+    assert json.loads((run_dir / "training_inputs.before-resume.json").read_text())["optim.warmup_steps"] == 5
+    assert json.loads((run_dir / "training_inputs.json").read_text())["optim.warmup_steps"] == 0
 
 
 @pytest.mark.slow
@@ -124,3 +132,18 @@ def test_a_disk_that_fills_while_saving_leaves_nothing_that_blocks_the_rerun(tmp
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert f"checkpoint-{STEPS}" in rerun.stdout + rerun.stderr and (run_dir / "adapter" / "adapter_model.safetensors").exists()
     assert metrics(run_dir)["global_step"] == STEPS
+
+
+@pytest.mark.slow
+def test_a_resumed_run_logs_and_evaluates_at_its_new_cadence(tmp_path):
+    """transformers restores logging_steps and eval_steps from the checkpoint's trainer_state.json: the README says
+    they may change on resume, so they must apply."""
+    data = write_csv(tmp_path / "data.csv", chess_rows(12))
+    first = overrides(data, "run.name=cadence", "train.logging_steps=1", "train.eval_steps=1")
+    killed = run_cli(tmp_path, *first, interrupt=("sigkill-after-save", 2))
+    assert killed.returncode == -9
+    resumed = run_cli(tmp_path, *overrides(data, "run.name=cadence", "train.logging_steps=4", "train.eval_steps=4"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    history = json.loads((tmp_path / "outputs" / "cadence" / "history.json").read_text())
+    assert [e["step"] for e in history if "loss" in e] == [1, 2, 4]  # step 3 is not a multiple of 4 any more
+    assert [e["step"] for e in history if "eval_loss" in e] == [1, 2, 4]
