@@ -161,7 +161,7 @@ def prepare(cfg: Any, run_dir: str | Path | None = None, cleanup: ExitStack | No
     )
     from gemma_ft.chat_template import apply_gemma3_template
     from gemma_ft.data.encoding import encode_conversations
-    from gemma_ft.models.loading import load_tokenizer, resolve_model_path
+    from gemma_ft.models.loading import check_target_modules, load_tokenizer, resolve_model_path
 
     from gemma_ft.console import quiet_library_progress
     from gemma_ft.training import training_schedule
@@ -170,6 +170,7 @@ def prepare(cfg: Any, run_dir: str | Path | None = None, cleanup: ExitStack | No
     startup.mark("imports")
     model_path = resolve_model_path(cfg.model.name_or_path)
     check_writable(run_dir, needed_bytes=checkpoint_size_estimate(cfg, model_path))
+    check_target_modules(model_path, cfg.lora)
     # The template is set and checked before anything renders text, so a wrong template cannot train silently.
     tokenizer = apply_gemma3_template(load_tokenizer(model_path))
     log.info("Chat template: Gemma 3, checked on a probe conversation (turn markers are single tokens, one BOS)")

@@ -111,6 +111,23 @@ def test_every_reply_cut_off_is_a_data_error_before_the_model_loads(tmp_path, mo
                 run_dir=tmp_path / "run")
 
 
+def test_a_lora_target_that_is_not_a_layer_of_the_model_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    import gemma_ft.models.loading as loading
+    from gemma_ft.errors import ConfigError
+    from gemma_ft.pipeline import prepare
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    path = write_csv(tmp_path / "d.csv", chess_rows(12))
+    run_dir = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"lora.target_modules: foo_proj is not a linear layer of .*; its linear "
+                                          r"layers are \['down_proj', 'gate_proj', 'k_proj', 'lm_head', 'o_proj'"):
+        prepare(typed_config([*TINY, f"data.path={path}", "data.val_size=2", "lora.target_modules=[foo_proj,q_proj]"]),
+                run_dir=run_dir)
+    from gemma_ft.run_dir import LOCK_FILE
+
+    assert {p.name for p in run_dir.iterdir()} <= {LOCK_FILE}  # no record, no log (the CLI releases the lock)
+
+
 def test_a_run_whose_loss_becomes_nan_stops_at_that_step_and_keeps_its_last_good_checkpoint(tmp_path):
     from gemma_ft.pipeline import RunDiverged, run
 

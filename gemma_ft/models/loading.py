@@ -69,6 +69,30 @@ def load_model(cfg: ModelConfig, name_or_path: str, max_seq_length: int):
     return model
 
 
+def check_target_modules(model_path: str, cfg: LoraConfig) -> None:
+    """Every lora.target_modules name must be a linear layer of the model, checked on its config alone (an empty
+    skeleton on the meta device, no weights) before the run writes anything: PEFT would only refuse it after the
+    model has loaded."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    wanted = [name for name in cfg.target_modules if name != "all-linear"]
+    if not wanted:
+        return
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+    except Exception as exc:  # an architecture transformers cannot build here: PEFT checks it at load time
+        log.debug("lora.target_modules not checked before loading: %s", exc)
+        return
+    linear = sorted({name.rsplit(".", 1)[-1] for name, module in skeleton.named_modules()
+                     if isinstance(module, torch.nn.Linear) and name})
+    unknown = [name for name in wanted if name not in linear]
+    if unknown:
+        raise ConfigError(f"lora.target_modules: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not a "
+                          f"linear layer of {model_path}; its linear layers are {linear}")
+
+
 def add_lora_adapters(model, cfg: LoraConfig, seed: int, gradient_checkpointing):
     """Wrap the model in LoRA adapters as `cfg` says, with the checkpointing the batch plan chose; plain Python
     values only (OmegaConf nodes break saving)."""
