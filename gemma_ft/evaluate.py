@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,11 +58,14 @@ def masked_loss(model, tokenizer, conversations, max_seq_length: int) -> float:
 
 def evaluate_run(run_dir: str | Path, file: str, max_new_tokens: int = 64, batch_size: int = 8) -> dict:
     from gemma_ft.data.conversations import apply_control_token_policy, load_conversations
-    from gemma_ft.finished_run import load_finished_run
+    from gemma_ft.finished_run import load_finished_run, run_config
+
+    # The file is read before the model loads (seconds on the tiny model, minutes on a 27B): a bad file costs seconds.
+    conversations = load_conversations(dataclasses.replace(run_config(Path(run_dir).expanduser().resolve()).data,
+                                                           path=file))
+    run = load_finished_run(run_dir)
     from gemma_ft.replies import exact_match, generate_replies
 
-    run = load_finished_run(run_dir)
-    conversations = load_conversations(dataclasses.replace(run.cfg.data, path=file))
     conversations = apply_control_token_policy(conversations, run.tokenizer, run.cfg.data.control_tokens, file)
     replies = generate_replies(run.model, run.tokenizer, conversations, max_new_tokens, batch_size=batch_size)
     result = {
@@ -71,7 +75,9 @@ def evaluate_run(run_dir: str | Path, file: str, max_new_tokens: int = 64, batch
         "exact_match": exact_match(replies, conversations),
     }
     out = run.run_dir / f"eval_{Path(file).stem}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    tmp = out.with_name(f".{out.name}.tmp")  # written beside its name and renamed: never half-written
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out)
     print(json.dumps(result, indent=2))
     print(f"Written to {out}")
     return result

@@ -96,28 +96,43 @@ def chat(run, cfg: GenerateConfig, system_prompt: str | None) -> None:
             continue
         if not line:
             continue
+        try:
+            check_prompt_control_text(line, run.tokenizer)
+        except UserError as exc:
+            print(str(exc).replace("prompt= contains", "that message contains"))
+            continue
         history.append({"role": "user", "content": line})
         print("model> ", end="", flush=True)
         history.append({"role": "assistant", "content": answer(run, history, cfg.sampling)})
 
 
-def answer_file(run, cfg: GenerateConfig, system_prompt: str | None) -> Path:
-    """Batch inference: every conversation of `cfg.file` (in any format training reads) gets the reply to its last
-    user turn, written beside its fields as `cfg.column`: a CSV in gives a CSV out, any other file JSON Lines."""
+def read_prompts_file(cfg: GenerateConfig, data_cfg, system_prompt: str | None):
+    """(path, records, conversations) of `cfg.file`, read as training reads its data: before the model loads, so a
+    bad file costs seconds."""
     import dataclasses
+
+    from gemma_ft.data.conversations import conversations_from_records, resolve_data_path
+    from gemma_ft.data.readers import read_records
+
+    data = dataclasses.replace(data_cfg, system_prompt=system_prompt)
+    path = resolve_data_path(cfg.file)
+    records = read_records(path, data.encoding, data.delimiter)
+    return path, records, conversations_from_records(records, data, require_reply=False)
+
+
+def answer_file(run, cfg: GenerateConfig, prompts) -> Path:
+    """Batch inference: every conversation of `cfg.file` (in any format training reads; `prompts` from
+    read_prompts_file) gets the reply to its last user turn, written beside its fields as `cfg.column`: a CSV in
+    gives a CSV out, any other file JSON Lines."""
     import json
 
     from tqdm import tqdm
 
-    from gemma_ft.data.conversations import apply_control_token_policy, conversations_from_records, resolve_data_path
-    from gemma_ft.data.readers import read_records
+    from gemma_ft.data.conversations import apply_control_token_policy
     from gemma_ft.replies import generate_replies
 
-    data = dataclasses.replace(run.cfg.data, system_prompt=system_prompt)
-    path = resolve_data_path(cfg.file)
-    records = read_records(path, data.encoding, data.delimiter)
-    conversations = conversations_from_records(records, data, require_reply=False)
-    conversations = apply_control_token_policy(conversations, run.tokenizer, data.control_tokens, str(path))
+    path, records, conversations = prompts
+    conversations = apply_control_token_policy(conversations, run.tokenizer, run.cfg.data.control_tokens, str(path))
     replies = []
     for start in tqdm(range(0, len(conversations), cfg.batch_size), desc=f"Answering {len(conversations)} rows",
                       unit="batch"):
@@ -184,16 +199,33 @@ def output_problems(cfg: GenerateConfig) -> list[str]:
 
 
 def generate(cfg: GenerateConfig) -> None:
-    from gemma_ft.finished_run import load_finished_run
+    from gemma_ft.finished_run import load_finished_run, run_config
 
+    run_cfg = run_config(Path(cfg.run).expanduser().resolve())
+    system_prompt = cfg.system_prompt if cfg.system_prompt is not None else run_cfg.data.system_prompt
+    prompts = read_prompts_file(cfg, run_cfg.data, system_prompt) if cfg.file is not None else None
     run = load_finished_run(cfg.run)
-    system_prompt = cfg.system_prompt if cfg.system_prompt is not None else run.cfg.data.system_prompt
     if cfg.prompt is not None:
+        check_prompt_control_text(cfg.prompt, run.tokenizer)
         answer(run, [*opening_turns(system_prompt), {"role": "user", "content": cfg.prompt}], cfg.sampling)
-    elif cfg.file is not None:
-        answer_file(run, cfg, system_prompt)
+    elif prompts is not None:
+        answer_file(run, cfg, prompts)
     else:
         chat(run, cfg, system_prompt)
+
+
+def check_prompt_control_text(prompt: str, tokenizer) -> None:
+    """A prompt holding the tokenizer's control text (<end_of_turn>, <start_of_turn>model, ...) would forge turns
+    of the template, as training and file= refuse it."""
+    from gemma_ft.data.conversations import control_token_ids
+
+    control = control_token_ids(tokenizer)
+    encoded = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    found = [prompt[start:end] for token, (start, end) in zip(encoded.input_ids, encoded.offset_mapping)
+             if token in control and end > start]
+    if found:
+        raise UserError(f"prompt= contains the control text {found[0]!r}; remove it: the chat template adds the turn "
+                        "markers itself")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="generate")
