@@ -119,9 +119,34 @@ def check_overrides(args: list[str]) -> None:
                 raise ConfigError(f"{key}={value}: {exc}") from None
     if not sweeping:
         _check_values(overrides, hydra_dirs.get("hydra.run.dir"))
+        return
+    # A sweep: every value of every swept key is checked once (the other swept keys at their first value), before
+    # Hydra starts and claims the sweep folder.
+    for variant in sweep_variants(parsed):
+        try:
+            _check_values(variant, check_run_dir=False)
+        except ConfigError as exc:
+            raise ConfigError(f"in the sweep, {exc}") from None
 
 
-def _check_values(overrides: list[str], hydra_run_dir: str | None = None) -> None:
+def sweep_variants(parsed: list) -> list[list[str]]:
+    """The single-run override lists that together try each swept value once."""
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override() and not o.key_or_group.startswith("hydra")]
+    sweeps = []
+    for o in parsed:
+        if o.is_sweep_override() and not o.key_or_group.startswith("hydra"):
+            try:
+                sweeps.append((o.get_key_element(), list(o.sweep_string_iterator())))
+            except Exception:  # an interval or a tag for a search sweeper: its values are drawn later
+                continue
+    variants = []
+    for index, (key, values) in enumerate(sweeps):
+        others = [f"{k}={v[0]}" for i, (k, v) in enumerate(sweeps) if i != index and v]
+        variants += [[*fixed, *others, f"{key}={value}"] for value in values]
+    return variants
+
+
+def _check_values(overrides: list[str], hydra_run_dir: str | None = None, check_run_dir: bool = True) -> None:
     """Compose and validate the single run's config: wrong types and cross-field problems, all at once."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import ConfigCompositionException
@@ -137,6 +162,8 @@ def _check_values(overrides: list[str], hydra_run_dir: str | None = None) -> Non
             raise ConfigError(composition_error(exc)) from None
     typed = typed_or_error(cfg)
     validate(typed)
+    if not check_run_dir:
+        return
     from gemma_ft.run_dir import plan_run
 
     # Before Hydra writes its files into the run dir: it must be a writable folder on a disk, and a finished run

@@ -39,6 +39,10 @@ def gemma_ft(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     (["hydra.run.dir=/proc/gemma_ft_run"], "hydra.run.dir=/proc/gemma_ft_run: run directory /proc/gemma_ft_run is "
                                            "on proc, a virtual filesystem"),
     (["hydra.run.dir=/dev/null"], "/dev/null is not a folder"),
+    # every swept value is checked before Hydra starts and claims a sweep folder
+    (["-m", "model=tiny", "optim.lr=1e-4,abc"], "in the sweep, optim.lr: Value 'abc' of type 'str' could not be "
+                                                "converted to Float"),
+    (["-m", "model=tiny", "optim.lr=1e-4,2e-4", "lora.r=4,-1"], "in the sweep, lora.r=-1 must be > 0"),
 ])
 def test_user_mistakes_exit_2_with_one_line(tmp_path, args, expected):
     result = gemma_ft(*args, cwd=tmp_path)
@@ -47,6 +51,17 @@ def test_user_mistakes_exit_2_with_one_line(tmp_path, args, expected):
     assert len(lines) == 1 and expected in lines[0]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("metrics.json"))
+    assert not (tmp_path / "outputs" / "multirun").exists()  # a refused sweep claims no folder
+
+
+def test_a_valid_sweep_passes_the_value_checks():
+    from gemma_ft.cli_checks import check_overrides, sweep_variants, parse_overrides
+
+    check_overrides(["-m", "model=tiny", "optim.weight_decay=0.001,0.01", "lora.r=4,8"])
+    variants = sweep_variants(parse_overrides(["model=tiny", "optim.weight_decay=0.001,0.01", "lora.r=4,8"]))
+    assert sorted(map(tuple, variants)) == sorted([
+        ("model=tiny", "lora.r=4", "optim.weight_decay=0.001"), ("model=tiny", "lora.r=4", "optim.weight_decay=0.01"),
+        ("model=tiny", "optim.weight_decay=0.001", "lora.r=4"), ("model=tiny", "optim.weight_decay=0.001", "lora.r=8")])
 
 
 @pytest.mark.slow
