@@ -332,12 +332,15 @@ def _run(cfg: Any, run_dir: str | Path | None, records: Mapping[str, Any] | None
     try:
         p = train_stepping_down(p)
         model, trainer = p.model, p.trainer
-    except OSError as exc:
-        if exc.errno not in DISK_FULL:
+    except (OSError, RuntimeError) as exc:
+        if not is_disk_full(exc):
             raise
+        half_written = remove_incomplete_checkpoint(checkpoint_dir(p.plan.work_dir), p.trainer.state.global_step)
         raise SaveFailed(
-            f"the disk filled up while writing a checkpoint in {checkpoint_dir(p.plan.work_dir)} ({exc.strerror}); "
-            "free some space and run the same command again: it resumes from its last complete checkpoint"
+            f"the disk filled up while writing a checkpoint in {checkpoint_dir(p.plan.work_dir)} "
+            f"({getattr(exc, 'strerror', None) or 'file write failed'})"
+            + (f"; the half-written {half_written.name} was removed" if half_written else "")
+            + "; free some space and run the same command again: it resumes from its last complete checkpoint"
         ) from None
     resources = memory.finish()
     if p.stop_on_signal.received:
@@ -453,6 +456,26 @@ def train_stepping_down(p: Prepared) -> Prepared:
         p = replace(p, model=model, trainer=trainer, batch_plan=plan, batch_plans_left=p.batch_plans_left[1:],
                     batch_plan_steps_down=[*p.batch_plan_steps_down, line], schedule=training_schedule(trainer))
         log.info(plan.describe())
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """A full disk (or quota), as the OS reports it or as torch.save does: a RuntimeError from its zip writer."""
+    if isinstance(exc, OSError):
+        return exc.errno in DISK_FULL
+    message = str(exc)
+    return "No space left on device" in message or "file write failed" in message or "Disk quota exceeded" in message
+
+
+def remove_incomplete_checkpoint(folder: Path, step: int) -> Path | None:
+    """The checkpoint of `step` if this run was writing it and it is not complete: removed (it would fill the disk
+    and is never resumed from); returns it."""
+    from gemma_ft.run_dir import COMPLETE_MARKER
+
+    checkpoint = folder / f"checkpoint-{step}"
+    if checkpoint.is_dir() and not (checkpoint / COMPLETE_MARKER).exists():
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        return checkpoint
+    return None
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

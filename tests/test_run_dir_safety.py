@@ -135,6 +135,21 @@ def test_a_disk_that_fills_while_saving_leaves_nothing_that_blocks_the_rerun(tmp
 
 
 @pytest.mark.slow
+def test_a_disk_that_fills_while_torch_saves_a_checkpoint_is_one_line_and_leaves_no_half_checkpoint(tmp_path):
+    data = write_csv(tmp_path / "data.csv", chess_rows(12))
+    args = overrides(data, "run.name=full-torch")
+    failed = run_cli(tmp_path, *args, interrupt=("disk-full-saving-checkpoint", 4))
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr[-2000:]
+    [line] = [line for line in failed.stderr.splitlines() if "error:" in line]
+    assert "the disk filled up while writing a checkpoint" in line and "the half-written checkpoint-4 was removed" in line
+    run_dir = tmp_path / "outputs" / "full-torch"
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2"]
+    rerun = run_cli(tmp_path, *args)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert metrics(run_dir)["global_step"] == STEPS
+
+
+@pytest.mark.slow
 def test_a_resumed_run_logs_and_evaluates_at_its_new_cadence(tmp_path):
     """transformers restores logging_steps and eval_steps from the checkpoint's trainer_state.json: the README says
     they may change on resume, so they must apply."""

@@ -6,6 +6,8 @@ MODE: sigkill-after-save  SIGKILL once checkpoint-STEP is completely written
       sigkill-during-save SIGKILL while checkpoint-STEP is being written (weights saved, trainer state not yet)
       sigint / sigterm    send that signal to itself at the end of step STEP
       disk-full-saving-adapter  the disk fills up while the finished run saves its adapter (STEP unused)
+      disk-full-saving-checkpoint  the disk fills up while checkpoint-STEP saves its optimizer state, which torch
+                          reports as a RuntimeError of its zip writer, not an OSError
       none                no interruption (for a resumed run of several CPU ranks, see cpu_ranks_load_on_cpu)
 """
 
@@ -93,6 +95,18 @@ def main() -> None:
             raise OSError(errno.ENOSPC, "No space left on device")
 
         PeftModel.save_pretrained = fills_the_disk
+    if mode == "disk-full-saving-checkpoint":
+        save_optimizer = Trainer._save_optimizer_and_scheduler
+
+        def fills_the_disk_in_torch_save(self, output_dir):
+            if self.state.global_step == step:
+                with open(os.path.join(output_dir, "optimizer.pt"), "wb") as partial:
+                    partial.write(b"\0" * 1024)
+                raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1024 vs 2048: "
+                                   "PytorchStreamWriter failed writing file data/0: file write failed")
+            return save_optimizer(self, output_dir)
+
+        Trainer._save_optimizer_and_scheduler = fills_the_disk_in_torch_save
 
     from gemma_ft.__main__ import cli
 
