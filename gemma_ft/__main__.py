@@ -67,6 +67,10 @@ def main(cfg: DictConfig) -> float:
     except RunInterrupted as exc:
         say(f"gemma_ft: {exc}")
         sys.exit(INTERRUPTED_EXIT[exc.signal_name])
+    except KeyboardInterrupt:  # a second Ctrl-C or SIGTERM while the first was being handled
+        say("gemma_ft: aborted by a second signal; the run resumes from its last complete checkpoint with the same "
+            "command")
+        sys.exit(INTERRUPTED_EXIT["SIGINT"])
     return metrics["eval_loss"]
 
 

@@ -35,6 +35,14 @@ class LogEveryFinalStep(TrainerCallback):
         return control
 
 
+class EvaluationInterrupted(Exception):
+    """SIGINT/SIGTERM arrived during an evaluation inside training: it ends the evaluation."""
+
+
+class SignalAfterTraining(Exception):
+    """SIGINT/SIGTERM arrived after training, during what the run does with the trained model."""
+
+
 class StopOnSignal(TrainerCallback):
     """SIGINT/SIGTERM during training: finish the step, save a checkpoint, stop. `received` names the signal.
 
@@ -48,10 +56,12 @@ class StopOnSignal(TrainerCallback):
         self._signal: str | None = None  # what this process was sent; `received` once every rank has agreed
         self._previous = {}
         self._vote = None
+        self._at_once = False  # after training: a signal raises SignalAfterTraining where the program is
 
     def on_train_begin(self, args, state, control, **kwargs):
         for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
+            if sig not in self._previous:  # training started over after a step-down: installed already
+                self._previous[sig] = signal.signal(sig, self._handle)
         if args.world_size > 1:
             self._vote = StopVote()
         return control
@@ -61,6 +71,9 @@ class StopOnSignal(TrainerCallback):
             signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
             raise KeyboardInterrupt
         self._signal = signal.Signals(signum).name
+        if self._at_once:
+            self.received = self._signal
+            raise SignalAfterTraining(self._signal)
         log.warning("%s received: saving a checkpoint after this step, then stopping (again to abort)", self._signal)
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -78,11 +91,28 @@ class StopOnSignal(TrainerCallback):
             control.should_training_stop = True
         return control
 
+    def on_prediction_step(self, args, state, control, **kwargs):
+        # An evaluation inside training can run for an hour on a CPU: a signal ends it at the next batch, and the
+        # runner saves the step it had reached (pipeline._run). With several ranks the evaluation runs to its end:
+        # they must stop at the same point.
+        if self._signal and self._vote is None:
+            self.received = self._signal
+            raise EvaluationInterrupted(self._signal)
+        return control
+
     def on_train_end(self, args, state, control, **kwargs):
+        # A signal during the evaluation after the last step came after the last on_step_end: not forgotten.
+        if self._signal and self.received is None:
+            self.received = self._signal
+        # What follows training (exact-match generation: minutes) stops at a signal at once; the runner saves the
+        # trained weights first (pipeline._run) and restores the handlers when the run ends.
+        self._at_once = True
+        return control
+
+    def restore_handlers(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
-        return control
 
 
 class ReportStartupAtFirstStep(TrainerCallback):

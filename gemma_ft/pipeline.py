@@ -13,7 +13,7 @@ import os
 import shutil
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -308,8 +308,48 @@ def run(cfg: Any, run_dir: str | Path | None = None, records: Mapping[str, Any] 
 
 
 def _run(cfg: Any, run_dir: str | Path | None, records: Mapping[str, Any] | None, cleanup: ExitStack) -> dict:
+    from gemma_ft.callbacks import SignalAfterTraining
+
     started_at = time.perf_counter()
     p = prepare(cfg, run_dir, cleanup, records)
+    cleanup.callback(p.stop_on_signal.restore_handlers)
+    try:
+        return _train_and_report(p, started_at)
+    except SignalAfterTraining:
+        # Training had finished: the trained weights are kept as a checkpoint, and the same command only evaluates,
+        # generates and saves (a resumed run trains no step past max_steps).
+        return stop_with_a_checkpoint(p)
+
+
+def stop_with_a_checkpoint(p: Prepared):
+    """End the run on a signal, with the step it reached saved as a complete checkpoint."""
+    wait_for_everyone()
+    save_checkpoint_now(p.trainer)
+    raise RunInterrupted(
+        f"{p.stop_on_signal.received}: stopped at step {p.trainer.state.global_step} with a checkpoint saved in "
+        f"{checkpoint_dir(p.plan.work_dir)}; resume by running the same command with run.dir={p.run_dir}",
+        p.stop_on_signal.received or "SIGTERM",
+    )
+
+
+def save_checkpoint_now(trainer) -> None:
+    """A complete checkpoint of the trainer's current step, unless it has one already (rank 0 marks it)."""
+    from gemma_ft.run_dir import COMPLETE_MARKER
+
+    step = trainer.state.global_step
+    folder = Path(trainer.args.output_dir) / f"checkpoint-{step}"
+    if step == 0 or (folder / COMPLETE_MARKER).exists():
+        return
+    trainer._save_checkpoint(trainer.model, trial=None)
+    wait_for_everyone()
+    if is_main_process() and folder.is_dir():
+        (folder / COMPLETE_MARKER).write_text(f"{step}\n")
+
+
+def _train_and_report(p: Prepared, started_at: float) -> dict:
+    from gemma_ft.callbacks import EvaluationInterrupted
+
+    cfg = p.cfg
     cfg, model, tokenizer, trainer = p.cfg, p.model, p.tokenizer, p.trainer
 
     from gemma_ft.run_report import MemoryStats, show_example
@@ -332,6 +372,8 @@ def _run(cfg: Any, run_dir: str | Path | None, records: Mapping[str, Any] | None
     try:
         p = train_stepping_down(p)
         model, trainer = p.model, p.trainer
+    except EvaluationInterrupted:
+        return stop_with_a_checkpoint(p)
     except (OSError, RuntimeError) as exc:
         if not is_disk_full(exc):
             raise
@@ -347,6 +389,7 @@ def _run(cfg: Any, run_dir: str | Path | None, records: Mapping[str, Any] | None
         # A rank that exits first makes torchrun kill the others: none leaves before every rank has saved. (On two
         # H100s rank 1 exited first and torchrun ended rank 0 with SIGTERM; it had finished saving, by luck.)
         wait_for_everyone()
+        save_checkpoint_now(p.trainer)  # a signal during the evaluation after the last step: that step's weights
         raise RunInterrupted(
             f"{p.stop_on_signal.received}: stopped at step {trainer.state.global_step} with a checkpoint saved in "
             f"{checkpoint_dir(p.plan.work_dir)}; resume by running the same command with run.dir={p.run_dir}",
@@ -452,9 +495,11 @@ def train_stepping_down(p: Prepared) -> Prepared:
         line = f"{failed.key()}: its first step ran out of GPU memory; stepping down to {plan.key()}"
         log.warning("Batch plan %s", line)
         p.model = p.trainer = None
-        model, trainer = p.build_for_plan(plan)
-        p = replace(p, model=model, trainer=trainer, batch_plan=plan, batch_plans_left=p.batch_plans_left[1:],
-                    batch_plan_steps_down=[*p.batch_plan_steps_down, line], schedule=training_schedule(trainer))
+        # In place: whoever holds `p` (the runner's signal and error handling) sees the trainer that runs now.
+        p.model, p.trainer = p.build_for_plan(plan)
+        p.batch_plan, p.batch_plans_left = plan, p.batch_plans_left[1:]
+        p.batch_plan_steps_down = [*p.batch_plan_steps_down, line]
+        p.schedule = training_schedule(p.trainer)
         log.info(plan.describe())
 
 

@@ -207,13 +207,15 @@ def test_a_first_step_out_of_gpu_memory_steps_down_says_so_and_trains_with_the_n
 
     prepared.trainer.train = out_of_memory
     trained = train_stepping_down(prepared)
+    assert trained is prepared  # changed in place: the runner's handlers see the new trainer
     assert trained.batch_plan == fallback and trained.model is not first_model  # loaded again, fresh LoRA
     assert trained.trainer.state.global_step == 2
     assert trained.batch_plan_steps_down == [
         f"{prepared.batch_plan.key()}: its first step ran out of GPU memory; stepping down to {fallback.key()}"]
     assert any("stepping down" in record.getMessage() for record in caplog.records)
     # with nothing left to step down to: one line, no traceback
-    exhausted = replace(trained, batch_plans_left=[])
+    exhausted = trained
+    exhausted.batch_plans_left = []
     exhausted.trainer.train = out_of_memory
     exhausted.trainer.state.global_step = 0
     with pytest.raises(StepDoesNotFit, match="no batch plan fits this GPU"):

@@ -162,3 +162,43 @@ def test_a_resumed_run_logs_and_evaluates_at_its_new_cadence(tmp_path):
     history = json.loads((tmp_path / "outputs" / "cadence" / "history.json").read_text())
     assert [e["step"] for e in history if "loss" in e] == [1, 2, 4]  # step 3 is not a multiple of 4 any more
     assert [e["step"] for e in history if "eval_loss" in e] == [1, 2, 4]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", [2, STEPS])
+def test_sigterm_during_an_evaluation_stops_at_the_next_batch_and_the_same_command_finishes(tmp_path, step):
+    """An evaluation inside training used to hold a signal until it ended (an hour on a CPU for 10,000 rows); at
+    the last step the signal was then forgotten and the run went on to report success."""
+    data = write_csv(tmp_path / "data.csv", chess_rows(12))
+    args = overrides(data, "run.name=evalstop", "data.val_size=4", "train.per_device_eval_batch_size=1",
+                     "train.eval_steps=2", "train.save_steps=100")
+    stopped = run_cli(tmp_path, *args, interrupt=("sigterm-during-eval", step))
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    assert f"SIGTERM: stopped at step {step} with a checkpoint saved" in stopped.stderr
+    run_dir = tmp_path / "outputs" / "evalstop"
+    assert not (run_dir / "metrics.json").exists()
+    from gemma_ft.run_dir import COMPLETE_MARKER
+
+    assert (run_dir / "checkpoints" / f"checkpoint-{step}" / COMPLETE_MARKER).exists()
+    again = run_cli(tmp_path, *args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"Resuming from {run_dir / 'checkpoints' / f'checkpoint-{step}'}" in again.stdout + again.stderr
+    history = json.loads((run_dir / "history.json").read_text())
+    assert [e["step"] for e in history if "loss" in e] == list(range(1, STEPS + 1))  # no step trained twice
+    assert metrics(run_dir)["global_step"] == STEPS
+
+
+@pytest.mark.slow
+def test_sigterm_while_the_trained_model_generates_saves_it_and_the_same_command_finishes(tmp_path):
+    data = write_csv(tmp_path / "data.csv", chess_rows(12))
+    args = [*overrides(data, "run.name=emstop", "train.save_steps=100"), "train.exact_match_rows=2"]
+    stopped = run_cli(tmp_path, *args, interrupt=("sigterm-during-exact-match", 0))
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    assert f"SIGTERM: stopped at step {STEPS} with a checkpoint saved" in stopped.stderr
+    run_dir = tmp_path / "outputs" / "emstop"
+    assert not (run_dir / "metrics.json").exists()
+    again = run_cli(tmp_path, *args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    history = json.loads((run_dir / "history.json").read_text())
+    assert [e["step"] for e in history if "loss" in e] == list(range(1, STEPS + 1))
+    assert metrics(run_dir)["exact_match_rows"] == 2

@@ -5,6 +5,8 @@
 MODE: sigkill-after-save  SIGKILL once checkpoint-STEP is completely written
       sigkill-during-save SIGKILL while checkpoint-STEP is being written (weights saved, trainer state not yet)
       sigint / sigterm    send that signal to itself at the end of step STEP
+      sigterm-during-eval send SIGTERM to itself during the evaluation at step STEP (its first batch)
+      sigterm-during-exact-match  send SIGTERM to itself while the trained model generates (STEP unused)
       disk-full-saving-adapter  the disk fills up while the finished run saves its adapter (STEP unused)
       disk-full-saving-checkpoint  the disk fills up while checkpoint-STEP saves its optimizer state, which torch
                           reports as a RuntimeError of its zip writer, not an OSError
@@ -38,6 +40,11 @@ class Interrupt(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.mode in ("sigint", "sigterm") and state.global_step == self.step:
             os.kill(os.getpid(), signal.SIGINT if self.mode == "sigint" else signal.SIGTERM)
+
+    def on_prediction_step(self, args, state, control, **kwargs):
+        if self.mode == "sigterm-during-eval" and state.global_step == self.step and not getattr(self, "sent", False):
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def cpu_ranks_load_on_cpu() -> None:
@@ -95,6 +102,16 @@ def main() -> None:
             raise OSError(errno.ENOSPC, "No space left on device")
 
         PeftModel.save_pretrained = fills_the_disk
+    if mode == "sigterm-during-exact-match":
+        import gemma_ft.replies as replies
+
+        generate_replies = replies.generate_replies
+
+        def signalled(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return generate_replies(*args, **kwargs)
+
+        replies.generate_replies = signalled
     if mode == "disk-full-saving-checkpoint":
         save_optimizer = Trainer._save_optimizer_and_scheduler
 
