@@ -84,6 +84,9 @@ def hydra_record(cfg: DictConfig) -> dict[str, object]:
 
 def cli() -> None:
     from gemma_ft.cli_checks import check_overrides
+    from gemma_ft.cpu_share import sleep_while_waiting
+
+    sleep_while_waiting()  # before anything loads torch
 
     register_configs()
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from pathlib import Path
 
@@ -166,4 +167,38 @@ class CurrentCadenceOnResume(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         state.compute_steps(args, state.max_steps)
+        return control
+
+
+class ShareCpuCores(TrainerCallback):
+    """Before each training step: this process's torch threads = the cores / the training processes alive here."""
+
+    def __init__(self, seats: Path):
+        self.seats = seats
+        self.seat = seats / str(os.getpid())
+        self.threads: int | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        try:
+            self.seats.mkdir(parents=True, exist_ok=True)
+            self.seat.write_text(f"{os.getpid()}\n")
+        except OSError as exc:  # a read-only cache: this process does not take part
+            log.debug("no CPU seat in %s: %s", self.seats, exc)
+        return control
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        import torch
+
+        from gemma_ft.cpu_share import available_cores, live_seats
+
+        threads = max(1, available_cores() // max(1, live_seats(self.seats)))
+        if threads != self.threads:
+            if self.threads is not None:
+                log.info("CPU: %d thread(s) per training process now (cores shared with other trainings)", threads)
+            torch.set_num_threads(threads)
+            self.threads = threads
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.seat.unlink(missing_ok=True)
         return control

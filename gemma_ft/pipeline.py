@@ -20,6 +20,7 @@ from typing import Any, Mapping
 from omegaconf import OmegaConf
 
 from gemma_ft.compile_cache import holds_compiled_kernels, import_unsloth_with_persistent_compile_cache
+from gemma_ft.cpu_share import sleep_while_waiting
 from gemma_ft.config import Config, to_typed
 from gemma_ft.console import open_run_logs, quiet_libraries
 from gemma_ft.data.conversations import (
@@ -142,6 +143,7 @@ def prepare(cfg: Any, run_dir: str | Path | None = None, cleanup: ExitStack | No
     startup.compile_cache_was_warm = holds_compiled_kernels()
     use_local_gpu()
     quiet_libraries(cfg.debug.verbose)
+    sleep_while_waiting()  # before torch loads (gemma_ft.cpu_share)
     import_unsloth_with_persistent_compile_cache()
     if keep_unsloth_checkpointing_under_ddp():
         log.info("Several GPUs: unsloth's offloaded gradient checkpointing kept (its DDP default is slower)")
@@ -150,9 +152,12 @@ def prepare(cfg: Any, run_dir: str | Path | None = None, cleanup: ExitStack | No
 
     import datasets
 
+    from gemma_ft.cpu_share import manages_threads
+    from gemma_ft.models.builtin import cache_dir
     from gemma_ft.speed import SpeedMonitor
     from gemma_ft.callbacks import (
         CurrentCadenceOnResume,
+        ShareCpuCores,
         LogEveryFinalStep,
         MarkCheckpointComplete,
         ReportStartupAtFirstStep,
@@ -194,6 +199,8 @@ def prepare(cfg: Any, run_dir: str | Path | None = None, cleanup: ExitStack | No
     speed = SpeedMonitor(tokenizer.pad_token_id)
     callbacks = [MarkCheckpointComplete(), LogEveryFinalStep(), stop_on_signal, stop_on_divergence,
                  ReportStartupAtFirstStep(startup), CurrentCadenceOnResume()]
+    if manages_threads():  # on a CPU: concurrent trainings share the cores
+        callbacks.append(ShareCpuCores(cache_dir() / "cpu_seats"))
     model, trainer, batch_plan, plans_left, build_for_plan, steps_down, step_memory = build_model_and_trainer(
         cfg, model_path, tokenizer, train_rows.dataset(), eval_rows.dataset(), plan, callbacks, speed, startup)
     log.info(batch_plan.describe())
