@@ -3,8 +3,8 @@
     python benchmarks/cpu_contention.py OUT_DIR [--steps 8]
 
 Runs the embedded Gemma 3 270M on the chess sample for --steps steps (no evaluation, no exact match), first with
-gemma_ft's core sharing (gemma_ft.cpu_share), then as before it (OMP_NUM_THREADS = all cores, OpenMP threads
-spinning): alone, then two processes started together. Reads each run's own train_runtime_s from metrics.json and
+gemma_ft's core sharing (gemma_ft.cpu_share), then as before it (OMP_NUM_THREADS = all cores, OpenMP's default wait
+policy): alone, then two processes started together. Reads each run's own train_runtime_s from metrics.json and
 writes OUT_DIR/results.json with the slowdown of the pair against the lone run (2x is a fair share of the cores).
 Nothing else may run on the machine meanwhile.
 """
@@ -42,17 +42,20 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--only", default="", help="run only the cases whose name starts with this")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     cores = len(os.sched_getaffinity(0))
     base = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
     settings = {
         "shared (gemma_ft)": base,
-        "unshared (all cores each, spinning)": {**base, "OMP_NUM_THREADS": str(cores), "OMP_WAIT_POLICY": "ACTIVE"},
+        # as before gemma_ft shared them: every process one thread per core, OpenMP's default wait policy
+        "unshared (all cores each)": {**base, "OMP_NUM_THREADS": str(cores)},
     }
+    settings = {name: env for name, env in settings.items() if not args.only or name.startswith(args.only)}
     results = {"cores": cores, "steps": args.steps, "date": time.strftime("%Y-%m-%d"), "cases": {}}
     for name, env in settings.items():
-        tag = "shared" if name.startswith("shared") else "unshared"
+        tag = name.split(" (")[0].replace(", ", "-").replace(" ", "-")
         alone = training_seconds([(start(args.out / f"{tag}-alone", args.steps, env), args.out / f"{tag}-alone")])[0]
         pair_dirs = [args.out / f"{tag}-pair-{i}" for i in (1, 2)]
         pair = training_seconds([(start(d, args.steps, env), d) for d in pair_dirs])

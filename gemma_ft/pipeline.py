@@ -152,8 +152,7 @@ def prepare(cfg: Any, run_dir: str | Path | None = None, cleanup: ExitStack | No
 
     import datasets
 
-    from gemma_ft.cpu_share import manages_threads
-    from gemma_ft.models.builtin import cache_dir
+    from gemma_ft.cpu_share import manages_threads, seats_dir
     from gemma_ft.speed import SpeedMonitor
     from gemma_ft.callbacks import (
         CurrentCadenceOnResume,
@@ -200,7 +199,7 @@ def prepare(cfg: Any, run_dir: str | Path | None = None, cleanup: ExitStack | No
     callbacks = [MarkCheckpointComplete(), LogEveryFinalStep(), stop_on_signal, stop_on_divergence,
                  ReportStartupAtFirstStep(startup), CurrentCadenceOnResume()]
     if manages_threads():  # on a CPU: concurrent trainings share the cores
-        callbacks.append(ShareCpuCores(cache_dir() / "cpu_seats"))
+        callbacks.append(ShareCpuCores(seats_dir()))
     model, trainer, batch_plan, plans_left, build_for_plan, steps_down, step_memory = build_model_and_trainer(
         cfg, model_path, tokenizer, train_rows.dataset(), eval_rows.dataset(), plan, callbacks, speed, startup)
     log.info(batch_plan.describe())

@@ -233,3 +233,56 @@ def test_the_schedule_says_how_many_epochs_the_steps_cover(rows, batch, world, a
         max_steps=max_steps, num_train_epochs=epochs))
     schedule = training_schedule(trainer)
     assert (schedule.steps, schedule.steps_per_epoch, schedule.epochs) == expected
+
+
+def test_concurrent_cpu_trainings_share_the_cores(tmp_path, monkeypatch):
+    """Each training process on a CPU sets its threads to the cores / the trainings alive; seats of dead processes
+    are cleared (two trainings on 2 cores once took 8.0x the time of one)."""
+    import os
+    import subprocess
+    import sys
+
+    import gemma_ft.cpu_share as cpu_share
+    from gemma_ft.callbacks import ShareCpuCores
+
+    monkeypatch.setattr(cpu_share, "available_cores", lambda: 8)
+    seats = tmp_path / "seats"
+    share = ShareCpuCores(seats)
+    share.on_train_begin(None, None, None)
+    threads_before = torch.get_num_threads()
+    try:
+        share.on_step_begin(None, None, None)
+        assert torch.get_num_threads() == 8  # alone
+        other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        (seats / str(other.pid)).write_text("")
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        (seats / str(dead.pid)).write_text("")
+        share.on_step_begin(None, None, None)
+        assert torch.get_num_threads() == 4  # beside one live training; the dead one's seat is gone
+        assert not (seats / str(dead.pid)).exists()
+        other.kill()
+        other.wait()
+        share.on_step_begin(None, None, None)
+        assert torch.get_num_threads() == 8
+    finally:
+        share.on_train_end(None, None, None)
+        torch.set_num_threads(threads_before)
+    assert not (seats / str(os.getpid())).exists()
+
+
+def test_a_process_starting_beside_a_training_makes_openmp_threads_sleep_before_torch_loads(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, sys; os.environ.pop('OMP_WAIT_POLICY', None); "
+            "from gemma_ft.cpu_share import sleep_while_waiting; sleep_while_waiting(); "
+            "print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)")
+    env = {**os.environ, "GEMMA_FT_CACHE": str(tmp_path)}
+    alone = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert alone.stdout.split() == ["None", "False"]  # alone: OpenMP's default (sleeping cost a lone run 20%)
+    (tmp_path / "cpu_seats").mkdir()
+    (tmp_path / "cpu_seats" / str(os.getpid())).write_text("")  # this test process: a live training
+    beside = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert beside.stdout.split() == ["PASSIVE", "False"]
