@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import typing
 from pathlib import Path
 
@@ -114,14 +115,14 @@ def check_overrides(args: list[str]) -> None:
     for key, value in hydra_dirs.items():
         if isinstance(value, str) and "${" not in value:  # a literal folder: checked as run.dir is
             try:
-                check_run_dir_location(Path(value).expanduser().absolute())
+                check_run_dir_location(Path(os.path.abspath(Path(value).expanduser())))
             except ConfigError as exc:
                 raise ConfigError(f"{key}={value}: {exc}") from None
     if not sweeping:
         _check_values(overrides, hydra_dirs.get("hydra.run.dir"))
         return
-    # A sweep: every value of every swept key is checked once (the other swept keys at their first value), before
-    # Hydra starts and claims the sweep folder.
+    # A sweep: every value of every swept key is composed once (the other swept keys at their first value), before
+    # Hydra starts and claims the sweep folder: a value of the wrong type would end the whole sweep in Hydra.
     for variant in sweep_variants(parsed):
         try:
             _check_values(variant, check_run_dir=False)
@@ -161,15 +162,18 @@ def _check_values(overrides: list[str], hydra_run_dir: str | None = None, check_
         except ConfigCompositionException as exc:
             raise ConfigError(composition_error(exc)) from None
     typed = typed_or_error(cfg)
-    validate(typed)
     if not check_run_dir:
+        # A sweep's value: only what would stop Hydra itself (a wrong type, an unknown key). A value the checks
+        # refuse (weight_decay=-1) fails its own job, marked in the summary, while the others run.
         return
+    validate(typed)
     from gemma_ft.run_dir import plan_run
 
     # Before Hydra writes its files into the run dir: it must be a writable folder on a disk, and a finished run
     # must not be touched at all.
     literal = isinstance(hydra_run_dir, str) and "${" not in hydra_run_dir
-    run_dir = Path(hydra_run_dir if literal else typed.run.dir or f"outputs/{typed.run.name or ''}").absolute()
+    # normalised without touching the file system (`outputs/..` is the working directory; a name may be too long)
+    run_dir = Path(os.path.abspath(hydra_run_dir if literal else typed.run.dir or f"outputs/{typed.run.name or ''}"))
     check_run_dir_location(run_dir)
     if literal or typed.run.name or typed.run.dir or typed.run.resume not in ("auto", "never"):
         plan_run(typed.run, run_dir)  # a run.resume path is checked wherever the run goes

@@ -314,10 +314,10 @@ def run(cfg: Any, run_dir: str | Path | None = None, records: Mapping[str, Any] 
 
 
 def _run(cfg: Any, run_dir: str | Path | None, records: Mapping[str, Any] | None, cleanup: ExitStack) -> dict:
-    from gemma_ft.callbacks import SignalAfterTraining
-
     started_at = time.perf_counter()
     p = prepare(cfg, run_dir, cleanup, records)
+    from gemma_ft.callbacks import SignalAfterTraining  # after prepare's checks: it loads transformers and torch
+
     cleanup.callback(p.stop_on_signal.restore_handlers)
     try:
         return _train_and_report(p, started_at)

@@ -42,7 +42,8 @@ def gemma_ft(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     # every swept value is checked before Hydra starts and claims a sweep folder
     (["-m", "model=tiny", "optim.lr=1e-4,abc"], "in the sweep, optim.lr: Value 'abc' of type 'str' could not be "
                                                 "converted to Float"),
-    (["-m", "model=tiny", "optim.lr=1e-4,2e-4", "lora.r=4,-1"], "in the sweep, lora.r=-1 must be > 0"),
+    (["-m", "model=tiny", "optim.lr=1e-4,2e-4", "lora.r=4,four"], "in the sweep, lora.r: Value 'four' of type 'str' "
+                                                                   "could not be converted to Integer"),
 ])
 def test_user_mistakes_exit_2_with_one_line(tmp_path, args, expected):
     result = gemma_ft(*args, cwd=tmp_path)

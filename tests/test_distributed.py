@@ -196,7 +196,7 @@ def test_a_submitit_job_of_several_tasks_closes_its_process_group_and_a_basic_sw
     from gemma_ft.__main__ import cli
 
     open_in_jobs = []
-    monkeypatch.setattr(pipeline, "run", lambda cfg, run_dir: open_in_jobs.append(dist.is_initialized()) or
+    monkeypatch.setattr(pipeline, "run", lambda cfg, run_dir, records=None: open_in_jobs.append(dist.is_initialized()) or
                         {"eval_loss": 1.0})
     try:
         dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store_job", rank=0, world_size=1)

@@ -198,7 +198,7 @@ def test_a_first_step_out_of_gpu_memory_steps_down_says_so_and_trains_with_the_n
     path = write_csv(tmp_path / "d.csv", chess_rows(16))
     prepared = prepare(typed_config([*TINY, f"data.path={path}", "data.val_size=4", "train.max_steps=2"]),
                        run_dir=tmp_path / "run")
-    first_model = prepared.model
+    first_model, first_plan = prepared.model, prepared.batch_plan
     fallback = BatchPlan(False, None, False)
     prepared = replace(prepared, batch_plans_left=[fallback])
 
@@ -211,7 +211,7 @@ def test_a_first_step_out_of_gpu_memory_steps_down_says_so_and_trains_with_the_n
     assert trained.batch_plan == fallback and trained.model is not first_model  # loaded again, fresh LoRA
     assert trained.trainer.state.global_step == 2
     assert trained.batch_plan_steps_down == [
-        f"{prepared.batch_plan.key()}: its first step ran out of GPU memory; stepping down to {fallback.key()}"]
+        f"{first_plan.key()}: its first step ran out of GPU memory; stepping down to {fallback.key()}"]
     assert any("stepping down" in record.getMessage() for record in caplog.records)
     # with nothing left to step down to: one line, no traceback
     exhausted = trained
