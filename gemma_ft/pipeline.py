@@ -223,7 +223,8 @@ def prepare(cfg: Any, run_dir: str | Path | None = None, cleanup: ExitStack | No
 def build_model_and_trainer(cfg: Config, model_path: str, tokenizer, train_dataset, eval_dataset, run_plan: RunPlan,
                             callbacks: list, speed, startup):
     """Model -> LoRA -> trainer for the first batch plan worth trying (gemma_ft.batching). Returns (model, trainer,
-    plan, the plans left to step down to, a function that builds them, the step-downs so far).
+    plan, the plans left to step down to, a function that builds them, the step-downs so far, the cache of
+    first-step measurements or None on a CPU).
 
     A step down loads the model again: LoRA (and the checkpointing it sets up) is applied to the loaded model in
     place."""
@@ -572,13 +573,6 @@ def report_rows_dropped_too_long(train_rows, eval_rows, max_seq_length: int) -> 
             raise DataError(f"every {split} row was dropped: train.max_seq_length={max_seq_length} cuts off every "
                             "reply; raise train.max_seq_length")
     return dropped
-
-
-def free_gpu_bytes() -> int | None:
-    """This process's GPU's free memory, or None without a CUDA GPU."""
-    import torch
-
-    return torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
 
 
 def release_accelerator_memory() -> None:
