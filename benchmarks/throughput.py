@@ -14,8 +14,7 @@ log-normal spread of lengths, split into the same training rows for every case. 
 all 7 projections, seed 3407 and padded batches (unsloth's automatic padding-free batches did not finish a
 first step within 200 s on this stack; see README "Performance"). Reported: trained (non-padding) tokens/s and s/step after warm-up steps, peak
 GPU memory, time from process start to the end of the first step, and MFU against the measured bf16 peak.
-FLOPs per token = 4 * N_params (forward 2N + backward through frozen weights 2N) + attention
-12 * layers * heads * head_dim * mean_context (QK^T and AV, forward and backward).
+FLOPs per token and the bf16 peak are gemma_ft's own (gemma_ft.speed): 4 * N_params plus attention over the mean row.
 """
 
 from __future__ import annotations
@@ -483,29 +482,6 @@ def case_hf(args, data: Path, model_dir: Path):
                       args=sft_config(args, Path(args.workdir) / "hf", completion_only_loss=True))
 
 
-def matmul_peak_tflops() -> float:
-    import torch
-
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    torch.cuda.synchronize()
-    return 2 * 8192**3 * 10 / (time.perf_counter() - start) / 1e12
-
-
-def flops_per_token(arch: str, n_params: int, mean_len: float) -> float:
-    a = ARCHS[arch]
-    layers, heads, head_dim, window = a["num_hidden_layers"], a["num_attention_heads"], a["head_dim"], a["sliding_window"]
-    full_layers = layers // 6
-    context = (full_layers * mean_len / 2 + (layers - full_layers) * min(mean_len / 2, window)) / layers
-    return 4 * n_params + 12 * layers * heads * head_dim * context
-
-
 def prepare_inputs(args) -> tuple[Path, Path]:
     """The CSV in --workdir and the model (--model-dir, or a random --arch one built there once).
 
@@ -674,7 +650,10 @@ def main() -> None:
     else:
         lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
     mean_len = sum(lengths) / len(lengths)
-    peak = matmul_peak_tflops() if cuda else float("nan")
+    # MFU as gemma_ft reports it of itself (gemma_ft.speed): the same FLOP count against the same measured peak
+    from gemma_ft.speed import flops_per_token, measure_matmul_flops
+
+    peak = measure_matmul_flops() / 1e12 if cuda else float("nan")
     tokens_per_s = tokens / seconds
     result = {
         "case": args.case, "arch": args.arch, "gpu": torch.cuda.get_device_name(0) if cuda else "cpu", "gpus": gpus,
@@ -686,7 +665,7 @@ def main() -> None:
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else float("nan"),
         "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
         "time_to_first_step_s": meter.first_step_end, "params": n_params, "mean_tokens_per_row": mean_len,
-        "bf16_peak_tflops": peak, "mfu": tokens_per_s * flops_per_token(args.arch, n_params, mean_len) / (peak * 1e12),
+        "bf16_peak_tflops": peak, "mfu": tokens_per_s * flops_per_token(model.config.get_text_config(), n_params, mean_len) / (peak * 1e12),
         "losses": meter.losses[:20], "eval_loss": eval_loss, "trained_steps": len(meter.times),
         "epoch": args.epoch, "overrides": args.set, "loss_path": meter.loss_path, "cross_row_logit_change": isolation,
         "batching": ("packed" if prepared.batch_plan.packed else "padded") if prepared is not None else "padded",

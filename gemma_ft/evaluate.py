@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +58,7 @@ def masked_loss(model, tokenizer, conversations, max_seq_length: int) -> float:
 def evaluate_run(run_dir: str | Path, file: str, max_new_tokens: int = 64, batch_size: int = 8) -> dict:
     from gemma_ft.data.conversations import apply_control_token_policy, load_conversations
     from gemma_ft.finished_run import load_finished_run, run_config
+    from gemma_ft.run_dir import atomic_write_text
 
     # The file is read before the model loads (seconds on the tiny model, minutes on a 27B): a bad file costs seconds.
     conversations = load_conversations(dataclasses.replace(run_config(Path(run_dir).expanduser().resolve()).data,
@@ -75,9 +75,7 @@ def evaluate_run(run_dir: str | Path, file: str, max_new_tokens: int = 64, batch
         "exact_match": exact_match(replies, conversations),
     }
     out = run.run_dir / f"eval_{Path(file).stem}.json"
-    tmp = out.with_name(f".{out.name}.tmp")  # written beside its name and renamed: never half-written
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     print(f"Written to {out}")
     return result

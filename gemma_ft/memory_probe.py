@@ -10,12 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 from transformers import TrainerCallback
 
 from gemma_ft.batching import BatchPlan, Measurement
+from gemma_ft.run_dir import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +64,7 @@ class StepMemoryCache:
         entries.setdefault(self.scope, {})[plan.key()] = measurement.__dict__
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(entries, indent=1) + "\n")
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, json.dumps(entries, indent=1) + "\n")
         except OSError as exc:  # a read-only cache only costs the next run its calibration steps
             log.debug("could not record the step's memory in %s: %s", self.path, exc)
 

@@ -9,7 +9,6 @@ import errno
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from contextlib import ExitStack, contextmanager
@@ -50,6 +49,7 @@ from gemma_ft.run_dir import (
     RUN_CONFIG,
     RunPlan,
     acquire_run_lock,
+    atomic_write_text,
     check_writable,
     checkpoint_dir,
     complete_checkpoints,
@@ -652,6 +652,4 @@ def save_outputs(run_dir: Path, model, tokenizer, metrics: dict, log_history: li
 
 
 def _write_json(path: Path, payload) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")

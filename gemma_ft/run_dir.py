@@ -60,6 +60,13 @@ class RunPlan:
         return self.work_dir != self.run_dir
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write beside the final name and rename: a reader (or a crash) never sees the file half-written."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def checkpoint_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
@@ -158,10 +165,8 @@ def start_work_dir(plan: RunPlan) -> None:
             shutil.rmtree(plan.work_dir, ignore_errors=True)
     plan.work_dir.mkdir(parents=True, exist_ok=True)
     # In the folder this run writes: an overwrite leaves the earlier run's folder as it was until it has finished.
-    marker = plan.work_dir / RUN_MARKER
-    tmp = marker.with_name(f"{RUN_MARKER}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}) + "\n")
-    os.replace(tmp, marker)
+    atomic_write_text(plan.work_dir / RUN_MARKER,
+                      json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}) + "\n")
 
 
 def claimed_by_this_process(run_dir: Path) -> bool:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -129,6 +128,7 @@ def bf16_peak_flops(cache: Path | None = None) -> float | None:
     if not torch.cuda.is_available():
         return None
     from gemma_ft.models.builtin import cache_dir
+    from gemma_ft.run_dir import atomic_write_text
 
     cache = cache or cache_dir() / "compile" / "gpu_bf16_peak.json"
     name = torch.cuda.get_device_name(0)
@@ -138,19 +138,17 @@ def bf16_peak_flops(cache: Path | None = None) -> float | None:
         known = {}
     if name in known:
         return float(known[name])
-    peak = _measure_matmul_flops()
+    peak = measure_matmul_flops()
     known[name] = peak
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(known, indent=1) + "\n")
-        os.replace(tmp, cache)
+        atomic_write_text(cache, json.dumps(known, indent=1) + "\n")
     except OSError as exc:
         log.debug("could not cache the GPU's bf16 peak in %s: %s", cache, exc)
     return peak
 
 
-def _measure_matmul_flops(size: int = 8192, repeats: int = 10) -> float:
+def measure_matmul_flops(size: int = 8192, repeats: int = 10) -> float:
     import torch
 
     a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)

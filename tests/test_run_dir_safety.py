@@ -117,14 +117,19 @@ def test_a_resume_with_other_settings_is_refused_unless_asked_for(tmp_path):
     assert json.loads((run_dir / "training_inputs.json").read_text())["optim.warmup_steps"] == 0
 
 
+def run_until_the_disk_fills(tmp_path: Path, name: str, mode: str, step: int):
+    """(the command's arguments, the failed run, its run dir): a run whose save meets a full disk (interrupted_cli)."""
+    data = write_csv(tmp_path / "data.csv", chess_rows(12))
+    args = overrides(data, f"run.name={name}")
+    failed = run_cli(tmp_path, *args, interrupt=(mode, step))
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr[-2000:]
+    return args, failed, tmp_path / "outputs" / name
+
+
 @pytest.mark.slow
 def test_a_disk_that_fills_while_saving_leaves_nothing_that_blocks_the_rerun(tmp_path):
-    data = write_csv(tmp_path / "data.csv", chess_rows(12))
-    args = overrides(data, "run.name=full")
-    failed = run_cli(tmp_path, *args, interrupt=("disk-full-saving-adapter", 0))
-    assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr[-2000:]
+    args, failed, run_dir = run_until_the_disk_fills(tmp_path, "full", "disk-full-saving-adapter", 0)
     assert "could not save the adapter" in failed.stderr and "No space left on device" in failed.stderr
-    run_dir = tmp_path / "outputs" / "full"
     assert not (run_dir / ".adapter.tmp").exists() and not (run_dir / "adapter").exists()
     assert not (run_dir / "metrics.json").exists()
 
@@ -136,13 +141,9 @@ def test_a_disk_that_fills_while_saving_leaves_nothing_that_blocks_the_rerun(tmp
 
 @pytest.mark.slow
 def test_a_disk_that_fills_while_torch_saves_a_checkpoint_is_one_line_and_leaves_no_half_checkpoint(tmp_path):
-    data = write_csv(tmp_path / "data.csv", chess_rows(12))
-    args = overrides(data, "run.name=full-torch")
-    failed = run_cli(tmp_path, *args, interrupt=("disk-full-saving-checkpoint", 4))
-    assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr[-2000:]
+    args, failed, run_dir = run_until_the_disk_fills(tmp_path, "full-torch", "disk-full-saving-checkpoint", 4)
     [line] = [line for line in failed.stderr.splitlines() if "error:" in line]
     assert "the disk filled up while writing a checkpoint" in line and "the half-written checkpoint-4 was removed" in line
-    run_dir = tmp_path / "outputs" / "full-torch"
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2"]
     rerun = run_cli(tmp_path, *args)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
