@@ -204,3 +204,12 @@ def test_a_data_path_that_is_a_symlink_loop_is_one_data_error(tmp_path):
     (tmp_path / "b.jsonl").symlink_to(tmp_path / "a.jsonl")
     with pytest.raises(DataError, match="a.jsonl.* cannot be followed"):
         load_conversations(data_cfg(tmp_path / "a.jsonl"))
+
+
+def test_a_file_argument_that_is_a_symlink_loop_is_named_before_anything_loads(tmp_path):
+    from gemma_ft.commands import data_file_problems
+
+    (tmp_path / "a.jsonl").symlink_to(tmp_path / "b.jsonl")
+    (tmp_path / "b.jsonl").symlink_to(tmp_path / "a.jsonl")
+    [problem] = data_file_problems("file", str(tmp_path / "a.jsonl"))
+    assert problem.startswith("file=") and "cannot be followed" in problem
